@@ -1,0 +1,1 @@
+"""Site data: reading tables, splitting by site, and federated preprocessing."""

@@ -1,0 +1,1 @@
+"""Local training in torch: models, the site's trainer and evaluation metrics."""

@@ -1,0 +1,1 @@
+"""Transports that carry round messages: in-process now, HTTPS for deployment."""
