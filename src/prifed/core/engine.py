@@ -112,6 +112,7 @@ class RoundEngine:
                 continue
             try:
                 self._check_reply(reply, params, expected, record)
+                self.strategy.check_reply(reply, params)
             except UpdateRejected as error:
                 record.rejected[reply.site] = error.reason
                 logger.warning("fit %s: %s", label, redact(str(error)))

@@ -89,6 +89,16 @@ class Strategy(ABC):
         return [TrainInstruction(site, server_round, dict(self.local_config))
                 for site in self.select_sites(server_round, sites, rng)]
 
+    def check_reply(self, reply: TrainReply,
+                    params: Mapping[str, np.ndarray]) -> None:
+        """Raise UpdateRejected when a reply lacks what this strategy needs.
+
+        The engine calls this after the generic checks of names, shapes and
+        dtypes; the default accepts every reply. Strategies that read
+        ``reply.extra`` (SCAFFOLD's control variates) check it here, so a bad
+        reply is left out of the round instead of failing the aggregation.
+        """
+
     def begin_aggregation(self, server_round: int,
                           params: Mapping[str, np.ndarray]) -> MeanAggregator:
         """Return the aggregator that takes this round's replies as they come."""
