@@ -37,9 +37,7 @@ def configure_logging(verbose: bool, log_file: Path | None = None) -> None:
     """Log warnings to the console (all with --verbose) and everything to a file."""
     root = logging.getLogger("prifed")
     root.setLevel(logging.INFO)
-    for handler in list(root.handlers):
-        if not isinstance(handler, logging.NullHandler):
-            root.removeHandler(handler)
+    close_logging()
     screen = RichHandler(console=console, show_path=False, markup=False)
     screen.setLevel(logging.INFO if verbose else logging.WARNING)
     root.addHandler(screen)
@@ -49,6 +47,15 @@ def configure_logging(verbose: bool, log_file: Path | None = None) -> None:
         to_file.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(to_file)
+
+
+def close_logging() -> None:
+    """Remove and close the handlers that :func:`configure_logging` added."""
+    root = logging.getLogger("prifed")
+    for handler in list(root.handlers):
+        if not isinstance(handler, logging.NullHandler):
+            root.removeHandler(handler)
+            handler.close()
 
 
 @app.command()
@@ -78,7 +85,8 @@ def simulate(
     local_steps: Annotated[int, typer.Option(
         help="mini-batch steps per site per round")] = 100,
     batch_size: Annotated[int, typer.Option(help="rows per mini-batch")] = 4,
-    lr: Annotated[float, typer.Option(help="local learning rate")] = 0.001,
+    lr: Annotated[float, typer.Option(
+        help="local SGD learning rate (FLamby's protocol uses 0.001)")] = 0.01,
     sites_per_round: Annotated[Optional[int], typer.Option(
         help="sites sampled per round (default: all)")] = None,
     standardize: Annotated[str, typer.Option(
@@ -130,23 +138,34 @@ def simulate(
     console.print(f"run folder: {folder} ({', '.join(p.name for p in paths.values())})")
 
 
-def main() -> None:
-    """Run the command line, turning PriFed errors into one clear message."""
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line and return its exit status.
+
+    PriFed errors and usage errors end in one clear message, not a traceback.
+    """
     try:
-        app(standalone_mode=False)
+        app(args=argv, prog_name="prifed", standalone_mode=False)
     except PriFedError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
-        sys.exit(2)
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return 2
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
-        sys.exit(130)
+        return 130
     except Exception as error:
         # Usage errors of the command-line parser carry their own message.
         show = getattr(error, "show", None)
         if show is None:
             raise
         show()
-        sys.exit(int(getattr(error, "exit_code", 2)))
+        return int(getattr(error, "exit_code", 2))
+    finally:
+        close_logging()
+    return 0
+
+
+def main() -> None:
+    """Entry point of the ``prifed`` script."""
+    sys.exit(run())
 
 
 if __name__ == "__main__":

@@ -29,7 +29,13 @@ ProgressCallback = Callable[[str, int, dict[str, float]], None]
 
 @dataclass
 class SimulationConfig:
-    """Settings of one simulated run; defaults follow FLamby's heart protocol."""
+    """Settings of one simulated run.
+
+    Defaults follow FLamby's heart protocol (15 rounds of 100 SGD steps with
+    batch 4, Adam for the baselines) except the local learning rate: 0.01
+    instead of FLamby's 0.001, which left FedAvg under-trained (mean accuracy
+    0.736 against 0.793 over seeds 42-46).
+    """
 
     data: Path | None = None
     spec: TableSpec | None = None
@@ -39,7 +45,7 @@ class SimulationConfig:
     rounds: int = 15
     local_steps: int = 100
     batch_size: int = 4
-    lr: float = 0.001
+    lr: float = 0.01
     optimizer: str = "sgd"
     sites_per_round: int | None = None
     baseline_lr: float = 0.001

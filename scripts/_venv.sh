@@ -1,0 +1,16 @@
+# Shared by the quick-start scripts: create or reuse .venv and install PriFed.
+# Usage: source scripts/_venv.sh [extras]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${PRIFED_VENV:-$root/.venv}"
+python="${PYTHON:-python3.11}"
+command -v "$python" >/dev/null 2>&1 || python=python3
+if [ ! -x "$venv/bin/python" ]; then
+  echo "creating virtual environment in $venv" >&2
+  "$python" -m venv "$venv"
+fi
+extras="${1:-}"
+target="$root"
+[ -n "$extras" ] && target="$root[$extras]"
+# torch==2.13.0 is pinned in pyproject.toml, so pip takes the CPU wheel.
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$target"
