@@ -107,3 +107,31 @@ def test_sites_per_round_samples_with_seed():
         chosen.append([r.sites for r in engine.history])
     assert chosen[0] == chosen[1]
     assert all(len(s) == 2 for s in chosen[0])
+
+
+class EchoTransport(InProcessTransport):
+    """Delivers every reply of every site twice, and one from a stranger."""
+
+    def train(self, server_round, params, instructions):
+        for reply in super().train(server_round, params, instructions):
+            yield reply
+            yield reply
+        yield TrainReply("stranger", server_round, update(50.0), 10)
+
+
+def test_duplicate_and_unselected_replies_are_rejected():
+    engine = RoundEngine(FedAvg(), EchoTransport([FixedSite("a", update(1.0), 4)]),
+                         num_rounds=1)
+    final = engine.run(GLOBAL, ["w"])
+    record = engine.history[0]
+    np.testing.assert_allclose(final["w"], 1.0)
+    assert record.accepted == ["a"]
+    assert "second reply" in record.rejected["a"]
+    assert "not selected" in record.rejected["stranger"]
+
+
+def test_negative_sample_count_is_rejected():
+    final, record = run_one_round([FixedSite("good", update(2.0), 5),
+                                   FixedSite("liar", update(9.0), -3)])
+    np.testing.assert_allclose(final["w"], 2.0)
+    assert "num_samples" in record.rejected["liar"]

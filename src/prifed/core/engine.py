@@ -20,7 +20,7 @@ logger = get_logger(__name__)
 
 @dataclass
 class RoundRecord:
-    """What happened in one round: participation, rejections and metrics."""
+    """Participation, rejections and metrics of one round."""
 
     server_round: int
     sites: list[str]
