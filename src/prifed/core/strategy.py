@@ -23,8 +23,13 @@ from prifed.errors import ConfigError
 class MeanAggregator(Protocol):
     """Computes the sample-weighted mean of the replies of one round."""
 
-    count: int
-    total_weight: float
+    @property
+    def count(self) -> int:
+        """Number of replies taken so far."""
+
+    @property
+    def total_weight(self) -> float:
+        """Sum of the weights of the replies taken so far."""
 
     def add(self, reply: TrainReply) -> None:
         """Take one validated reply into the mean."""
