@@ -43,6 +43,9 @@ def test_simulate_writes_run_folder(tmp_path):
     model = load_file(str(folder / "model.safetensors"))
     assert model["linear.weight"].shape == (1, 13)
     assert (folder / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "| Switzerland | 30 | 16 (16) |" in card
+    assert "one class only" in card
     assert "mean" in done.stdout and "Cleveland" in done.stdout
 
 

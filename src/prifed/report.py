@@ -16,6 +16,7 @@ from rich.table import Table  # noqa: E402
 
 from prifed import __version__  # noqa: E402
 from prifed.core.params import params_to_bytes  # noqa: E402
+from prifed.modelcard import model_card  # noqa: E402
 from prifed.simulation import SimulationResult, mean_metrics  # noqa: E402
 
 METRICS = ("accuracy", "auc")
@@ -61,10 +62,11 @@ def summary(result: SimulationResult) -> dict[str, Any]:
 
 
 def write_run_folder(result: SimulationResult, folder: Path) -> dict[str, Path]:
-    """Write summary.json, rounds.csv, model.safetensors and metrics.png."""
+    """Write the summary, per-round CSV, model, plot and model card."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / name for name in
-             ("summary.json", "rounds.csv", "model.safetensors", "metrics.png")}
+             ("summary.json", "rounds.csv", "model.safetensors", "metrics.png",
+              "MODEL_CARD.md")}
     data = summary(result)
     paths["summary.json"].write_text(json.dumps(data, indent=2, allow_nan=False))
     _write_rounds(result, paths["rounds.csv"])
@@ -73,6 +75,7 @@ def write_run_folder(result: SimulationResult, folder: Path) -> dict[str, Path]:
                 "preprocessor": json.dumps(result.sites[0].preprocessor.to_dict())}
     paths["model.safetensors"].write_bytes(params_to_bytes(result.model, metadata))
     _plot(result, paths["metrics.png"])
+    paths["MODEL_CARD.md"].write_text(model_card(data))
     return paths
 
 
