@@ -1,0 +1,108 @@
+"""The ``prifed data`` commands: FHIR export to feature table, hashes, reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from prifed.fhir.ingest import write_site_table
+from prifed.fhir.quality import QualityReport, load_report, merge_reports
+from prifed.fhir.spec import load_spec, spec_hash
+
+data_app = typer.Typer(
+    help="Turn FHIR R4 records into the federation's feature table.",
+    no_args_is_help=True, add_completion=False,
+)
+_console = Console(stderr=True)
+
+
+def _summary(report: QualityReport, output: Path) -> Table:
+    table = Table(title=f"site {report.site}: {output}", show_header=True)
+    table.add_column("count")
+    table.add_column("value", justify="right")
+    table.add_row("files read", str(report.files_read))
+    table.add_row("resources read", str(report.total_read))
+    for reason, count in report.rejections_by_reason().items():
+        table.add_row(f"rejected: {reason}", str(count))
+    table.add_row("patients read", str(report.patients.read))
+    for reason, count in report.patients.excluded.items():
+        table.add_row(f"patients excluded: {reason}", str(count))
+    table.add_row("rows written", str(report.patients.in_table))
+    table.add_row("label positive", str(report.label.positive))
+    for name, counts in report.features.items():
+        table.add_row(f"feature {name}: present / missing",
+                      f"{counts.present} / {counts.missing}")
+    return table
+
+
+@data_app.command("from-fhir")
+def from_fhir(
+    source: Annotated[Path, typer.Argument(
+        help="FHIR export: a folder of bundles (.json) or bulk NDJSON files "
+             "(.ndjson), optionally .gz, or one such file")],
+    spec: Annotated[Path, typer.Option(
+        help="feature specification file (.toml, .yaml or .json)")],
+    site: Annotated[str, typer.Option(help="site name written to the site column")],
+    output: Annotated[Path, typer.Option(help="CSV feature table to write")],
+    report: Annotated[Optional[Path], typer.Option(
+        help="JSON quality report to write (aggregate counts only, shareable)")
+    ] = None,
+    rejections: Annotated[Optional[Path], typer.Option(
+        help="CSV log of rejected records with resource ids; keep it at the site")
+    ] = None,
+    work_dir: Annotated[Optional[Path], typer.Option(
+        help="folder for the temporary on-disk spill (default: system temp)")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="log progress to the console")
+                       ] = False,
+) -> None:
+    """Convert a site's FHIR export into the feature table of a specification."""
+    package_logger = logging.getLogger("prifed")
+    handler = RichHandler(console=_console, show_path=False, markup=False)
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    previous_level = package_logger.level
+    package_logger.setLevel(logging.INFO)
+    package_logger.addHandler(handler)
+    try:
+        result = write_site_table(source, spec, site, output, report_path=report,
+                                  work_dir=work_dir, rejections=rejections)
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(previous_level)
+    _console.print(_summary(result, output))
+    if report is not None:
+        _console.print(f"quality report: {report}")
+
+
+@data_app.command("spec-hash")
+def spec_hash_command(
+    spec: Annotated[Path, typer.Argument(help="feature specification file")],
+) -> None:
+    """Print the SHA-256 hash that updates made under a specification carry."""
+    parsed = load_spec(spec)
+    typer.echo(spec_hash(parsed))
+
+
+@data_app.command("merge-reports")
+def merge_reports_command(
+    reports: Annotated[list[Path], typer.Argument(help="site quality reports (JSON)")],
+    expected_hash: Annotated[Optional[str], typer.Option(
+        help="specification hash every site must have used")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        help="JSON file for the federation-wide table")] = None,
+) -> None:
+    """Gather site quality reports into one federation-wide table."""
+    federation = merge_reports([load_report(path) for path in reports],
+                               expected_hash=expected_hash)
+    typer.echo(federation.format_text())
+    if output is not None:
+        output.write_text(json.dumps(federation.to_dict(), indent=2) + "\n",
+                          encoding="utf-8")
