@@ -104,20 +104,20 @@ class CKKSCombiner:
 
     def receive(self, site: str, reply: Message) -> None:
         """Add one site's ciphertexts, or raise MessageRejected naming the site."""
+        try:
+            self._add(site, reply)
+        except (ValueError, UpdateRejected) as error:
+            reason = error.reason if isinstance(error, UpdateRejected) else str(error)
+            self.dropped[site] = reason
+            raise MessageRejected(site, REPLY_PHASE, reason) from None
+
+    def _add(self, site: str, reply: Message) -> None:
         if site not in self.sites:
-            raise MessageRejected(site, REPLY_PHASE, "site is not part of this round")
-        try:
-            update = update_from_message(reply)
-        except ValueError as error:
-            raise MessageRejected(site, REPLY_PHASE, str(error)) from None
+            raise ValueError("site is not part of this round")
+        update = update_from_message(reply)
         if update.site != site:
-            raise MessageRejected(site, REPLY_PHASE, "reply is labelled as coming "
-                                  f"from site {update.site!r}")
-        try:
-            self._sum.add(update)
-        except UpdateRejected as error:
-            self.dropped[site] = error.reason
-            raise MessageRejected(site, REPLY_PHASE, error.reason) from None
+            raise ValueError(f"reply is labelled as coming from site {update.site!r}")
+        self._sum.add(update)
 
     def close_phase(self) -> dict[str, Message]:
         """Close the only phase; sites that did not reply count as dropped."""
