@@ -34,7 +34,7 @@ def initial_model() -> ParameterSet:
 def run_encrypted(key: FederationKey, coord: FederationKey, optimizer: str,
                   rounds: int) -> list[HESite]:
     sites = [HESite(f"site-{i}", load_key(site_context_bytes(key)),
-                    build_server_optimizer(optimizer, eta=0.05, tau=1e-2)
+                    build_server_optimizer(optimizer, server_lr=0.05, tau=1e-2)
                     if optimizer != "fedavg" else None)
              for i in range(len(WEIGHTS))]
     relay: ParameterSet = initial_model()
@@ -52,7 +52,7 @@ def run_encrypted(key: FederationKey, coord: FederationKey, optimizer: str,
 
 
 def run_plain(optimizer: str, rounds: int) -> ParameterSet:
-    opt = build_server_optimizer(optimizer, eta=0.05, tau=1e-2) \
+    opt = build_server_optimizer(optimizer, server_lr=0.05, tau=1e-2) \
         if optimizer != "fedavg" else build_server_optimizer("fedavg")
     model = initial_model()
     for _ in range(rounds):
@@ -83,7 +83,7 @@ def test_every_site_ends_with_the_plain_model(site_key: FederationKey,
 
 def test_repeated_aggregate_is_applied_once(site_key: FederationKey,
                                             coord_key: FederationKey) -> None:
-    site = HESite("a", site_key, FedAdam(eta=0.05, tau=1e-2))
+    site = HESite("a", site_key, FedAdam(server_lr=0.05, tau=1e-2))
     model = site.receive(initial_model())
     layout = Layout.of(model, site_key.params.slots)
     combiner = EncryptedSum(coord_key, layout, 1)
@@ -127,7 +127,7 @@ def test_clear_model_after_start_is_refused(site_key: FederationKey) -> None:
 def test_site_state_roundtrip(site_key: FederationKey,
                               coord_key: FederationKey) -> None:
     sites = run_encrypted(site_key, coord_key, "fedyogi", rounds=2)
-    restored = HESite("copy", site_key, build_server_optimizer("fedyogi", eta=0.05,
+    restored = HESite("copy", site_key, build_server_optimizer("fedyogi", server_lr=0.05,
                                                                tau=1e-2))
     restored.load_state_dict(sites[0].state_dict())
     assert restored.applied_round == 2

@@ -12,12 +12,14 @@ Federated Optimization" (ICLR 2021), with the mean update (pseudo-gradient)
     FedAdagrad: v = v + d**2
     FedAdam:    v = beta2 * v + (1 - beta2) * d**2
     FedYogi:    v = v - (1 - beta2) * d**2 * sign(v - d**2)
-    x = x + eta * m / (sqrt(v) + tau)
+    x = x + server_lr * m / (sqrt(v) + tau)
 
 with ``m`` starting at 0 and ``v`` at ``tau**2``, and no bias correction, as in
-the paper. Only trainable float tensors take the step; buffers (such as
-batch-norm statistics) take the plain mean update. Arithmetic is float64 and
-each tensor is cast back to its dtype.
+the paper. Option names and defaults match the coordinator-side strategies
+in :mod:`prifed.strategies.fedopt`, and a test checks that both take the same
+step. Only trainable float tensors take the step; buffers (such as batch-norm
+statistics) take the plain mean update. Arithmetic is float64 and each tensor
+is cast back to its dtype.
 """
 
 from __future__ import annotations
@@ -74,25 +76,25 @@ class FedAvgStep(ServerOptimizer):
 
     name = "fedavg"
 
-    def __init__(self, eta: float = 1.0) -> None:
-        _check_positive("eta", eta)
-        self.eta = eta
+    def __init__(self, server_lr: float = 1.0) -> None:
+        _check_positive("server_lr", server_lr)
+        self.server_lr = server_lr
 
     def _direction(self, name: str, update: np.ndarray) -> np.ndarray:
-        return self.eta * update
+        return self.server_lr * update
 
 
 class AdaptiveOptimizer(ServerOptimizer):
     """Common state of FedAdagrad, FedAdam and FedYogi: the moments m and v."""
 
-    def __init__(self, eta: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,
-                 tau: float = 1e-3) -> None:
-        _check_positive("eta", eta)
+    def __init__(self, server_lr: float = 0.1, beta1: float = 0.9,
+                 beta2: float = 0.99, tau: float = 1e-3) -> None:
+        _check_positive("server_lr", server_lr)
         _check_positive("tau", tau)
         for field, value in (("beta1", beta1), ("beta2", beta2)):
             if not 0 <= value < 1:
                 raise ConfigError(f"{field} must be in [0, 1); got {value}")
-        self.eta = eta
+        self.server_lr = server_lr
         self.beta1 = beta1
         self.beta2 = beta2
         self.tau = tau
@@ -107,7 +109,7 @@ class AdaptiveOptimizer(ServerOptimizer):
         v = self._second_moment(v, update * update)
         self.m[name] = m
         self.v[name] = v
-        return self.eta * m / (np.sqrt(v) + self.tau)
+        return self.server_lr * m / (np.sqrt(v) + self.tau)
 
     @abstractmethod
     def _second_moment(self, v: np.ndarray, squared: np.ndarray) -> np.ndarray:
