@@ -148,18 +148,20 @@ def test_pack_bits_round_trip(bits: int, count: int) -> None:
     if bits < 64:
         values &= np.uint64(2**bits - 1)
     data = pack_bits(values, bits)
-    assert len(data) == packed_size(count, bits) == (count * bits + 7) // 8
+    assert len(data) == packed_size(count, bits) == -(-count // 64) * bits * 8
     assert np.array_equal(unpack_bits(data, count, bits), values)
 
 
 def test_pack_bits_layout_by_hand() -> None:
-    # 3-bit values 5, 3 pack little-endian: 101 then 011 -> 0b011101 = 29.
-    assert pack_bits(np.array([5, 3], dtype=np.uint64), 3) == bytes([29])
+    # One block of 64 three-bit values fills three words. Values 5 and 3 pack
+    # little-endian as 101 then 011, so the first byte is 0b011101 = 29.
+    data = pack_bits(np.array([5, 3], dtype=np.uint64), 3)
+    assert data == bytes([29]) + bytes(23)
 
 
 def test_unpack_rejects_wrong_length() -> None:
-    with pytest.raises(ValueError, match="must be 6 bytes .* got 5"):
-        unpack_bits(bytes(5), 4, 12)
+    with pytest.raises(ValueError, match="must be 96 bytes .* got 95"):
+        unpack_bits(bytes(95), 4, 12)
 
 
 def test_to_signed_reads_twos_complement() -> None:
@@ -172,7 +174,8 @@ def test_mask_is_aes_ctr_keystream() -> None:
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     key = bytes(range(32))
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    # AES-128 keyed with the first half of the derived 32-byte key.
+    encryptor = Cipher(algorithms.AES(key[:16]), modes.CTR(bytes(16))).encryptor()
     expected = np.frombuffer(encryptor.update(bytes(80)), dtype="<u8")
     assert np.array_equal(crypto.mask(key, 10), expected)
     assert not np.array_equal(crypto.mask(bytes(32), 10), expected)

@@ -263,18 +263,18 @@ class SecAggClient:
                            self.server_round, self.site, encoded.clipped,
                            params.encoding.clip)
         vector = encoded.vector
-        count = vector.size
-        vector += crypto.mask(self_mask_key(self._seed, params.session,
-                                            self.server_round, self.site), count)
+        masks = crypto.MaskGenerator(vector.size)
+        vector += masks.expand(self_mask_key(self._seed, params.session,
+                                             self.server_round, self.site))
         for peer in sorted(self._partners):
             key = crypto.pair_key(self._mask_key, self._peers[peer][1], PAIRWISE_MASK,
                                   params.session, self.server_round, self.site, peer)
             # The site with the lower point adds the pair's mask, the other
             # subtracts it, so the two cancel in the sum.
             if params.index < params.neighbours[peer]:
-                vector += crypto.mask(key, count)
+                vector += masks.expand(key)
             else:
-                vector -= crypto.mask(key, count)
+                vector -= masks.expand(key)
         if params.bits < MAX_BITS:
             vector &= np.uint64(2**params.bits - 1)
         # The plain update is no longer needed; drop it before anything else.

@@ -5,7 +5,8 @@
   labelled with the purpose and both site names, so no key serves twice;
 - share encryption between sites: AES-256-GCM with a random 96-bit nonce and
   the session, round, sender and recipient as associated data;
-- mask generation: the AES-256-CTR keystream of a derived key, read as uint64.
+- mask generation: the AES-128-CTR keystream of a derived key, read as uint64
+  (128-bit keys match the 128-bit security of X25519).
 """
 
 from __future__ import annotations
@@ -96,20 +97,37 @@ def open_sealed(key: bytes, sealed: bytes, context: bytes) -> bytes:
         raise ValueError("ciphertext failed authentication") from None
 
 
+class MaskGenerator:
+    """Expand keys into pseudorandom uint64 masks with AES-128-CTR.
+
+    The output buffer is reused, so each mask is a view that stays valid only
+    until the next call of :meth:`expand`.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._size = count * 8
+        _grow_zeros(self._size)
+        # update_into needs room for one cipher block beyond the data.
+        self._out = np.empty(self._size + 16, dtype=np.uint8)
+
+    def expand(self, key: bytes) -> np.ndarray:
+        """Return ``count`` mask values from a derived key (first 16 bytes used)."""
+        encryptor = Cipher(algorithms.AES(key[:16]), modes.CTR(_CTR_NONCE)).encryptor()
+        written = encryptor.update_into(memoryview(_zeros)[:self._size],
+                                        self._out.data)
+        if written != self._size:
+            raise RuntimeError(f"keystream returned {written} of {self._size} bytes")
+        return self._out[:self._size].view(np.uint64)
+
+
 def mask(key: bytes, count: int) -> np.ndarray:
-    """Expand a key into ``count`` pseudorandom uint64 values (AES-256-CTR)."""
-    size = count * 8
-    _grow_zeros(size)
-    out = np.empty(size + 16, dtype=np.uint8)
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(_CTR_NONCE)).encryptor()
-    written = encryptor.update_into(memoryview(_zeros)[:size], out.data)
-    if written != size:
-        raise RuntimeError(f"keystream returned {written} of {size} bytes")
-    return out[:size].view(np.uint64)
+    """Return ``count`` mask values from a key in a fresh array."""
+    return MaskGenerator(count).expand(key).copy()
 
 
 def _grow_zeros(size: int) -> None:
     # One shared buffer of zero bytes is the plaintext of every keystream,
-    # so expanding a mask allocates only its output.
+    # so expanding a mask writes only its output.
     if len(_zeros) < size:
         _zeros.extend(bytes(size - len(_zeros)))

@@ -177,29 +177,61 @@ def unflatten(vector: np.ndarray, reference: Mapping[str, np.ndarray]) -> Parame
 
 
 def packed_size(count: int, bits: int) -> int:
-    """Return the bytes that ``count`` integers of ``bits`` bits pack into."""
-    return (count * bits + 7) // 8
+    """Return the bytes that ``count`` integers of ``bits`` bits pack into.
+
+    Values pack in blocks of 64, each block filling ``bits`` 64-bit words, so
+    the size rounds up to a whole block (at most 63 values of padding).
+    """
+    return _groups(count) * bits * 8
+
+
+def padded_length(count: int) -> int:
+    """Return ``count`` rounded up to whole blocks of 64 values."""
+    return _groups(count) * 64
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Pack integers below 2**bits into a little-endian bit stream.
+    """Pack integers below 2**bits into ``bits`` little-endian words per 64.
 
-    Blocks of 64 integers fill ``bits`` 64-bit words exactly, so the packing
-    runs as 64 vectorised steps whatever the vector length.
+    The padded vector is read as 64 lanes of equal length; lane ``j`` holds
+    bits ``j * bits`` to ``(j + 1) * bits - 1`` of each block. The packing
+    then runs as 64 vectorised steps whatever the vector length.
     """
-    count = values.size
-    groups = -(-count // 64)
+    groups = _groups(values.size)
     padded = np.zeros(groups * 64, dtype=np.uint64)
-    padded[:count] = values
-    columns = np.ascontiguousarray(padded.reshape(groups, 64).T)
+    padded[:values.size] = values
+    lanes = padded.reshape(64, groups)
     words = np.zeros((bits, groups), dtype=np.uint64)
-    for j in range(64):
-        word, offset = divmod(j * bits, 64)
-        words[word] |= columns[j] << np.uint64(offset)
+    for lane in range(64):
+        word, offset = divmod(lane * bits, 64)
+        words[word] |= lanes[lane] << np.uint64(offset)
         if offset + bits > 64:
-            words[word + 1] |= columns[j] >> np.uint64(64 - offset)
-    data = np.ascontiguousarray(words.T).astype("<u8", copy=False).tobytes()
-    return data[:packed_size(count, bits)]
+            words[word + 1] |= lanes[lane] >> np.uint64(64 - offset)
+    return words.astype("<u8", copy=False).tobytes()
+
+
+def add_packed(total: np.ndarray, data: bytes, bits: int) -> None:
+    """Add packed integers to ``total`` (uint64, padded length), modulo 2**64.
+
+    Only the low ``bits`` bits of each sum are meaningful: the bits above
+    carry parts of neighbouring values, which addition never moves down, so
+    the caller reduces modulo 2**bits once at the end.
+    """
+    groups = total.size // 64
+    if len(data) != groups * bits * 8:
+        raise ValueError(f"packed vector must be {groups * bits * 8} bytes "
+                         f"({groups * 64} values of {bits} bits); got {len(data)}")
+    words = np.frombuffer(data, dtype="<u8").reshape(bits, groups)
+    lanes = total.reshape(64, groups)
+    scratch = np.empty(groups, dtype=np.uint64)
+    spill = np.empty(groups, dtype=np.uint64)
+    for lane in range(64):
+        word, offset = divmod(lane * bits, 64)
+        np.right_shift(words[word], np.uint64(offset), out=scratch)
+        if offset + bits > 64:
+            np.left_shift(words[word + 1], np.uint64(64 - offset), out=spill)
+            scratch |= spill
+        lanes[lane] += scratch
 
 
 def unpack_bits(data: bytes, count: int, bits: int) -> np.ndarray:
@@ -207,16 +239,12 @@ def unpack_bits(data: bytes, count: int, bits: int) -> np.ndarray:
     if len(data) != packed_size(count, bits):
         raise ValueError(f"packed vector must be {packed_size(count, bits)} bytes "
                          f"({count} values of {bits} bits); got {len(data)}")
-    groups = -(-count // 64)
-    buffer = np.zeros(groups * bits * 8, dtype=np.uint8)
-    buffer[:len(data)] = np.frombuffer(data, dtype=np.uint8)
-    words = np.ascontiguousarray(buffer.view("<u8").reshape(groups, bits).T)
-    mask = np.uint64(2**bits - 1) if bits < 64 else np.uint64(2**64 - 1)
-    columns = np.empty((64, groups), dtype=np.uint64)
-    for j in range(64):
-        word, offset = divmod(j * bits, 64)
-        column = words[word] >> np.uint64(offset)
-        if offset + bits > 64:
-            column |= words[word + 1] << np.uint64(64 - offset)
-        columns[j] = column & mask
-    return np.ascontiguousarray(columns.T).reshape(-1)[:count]
+    total = np.zeros(padded_length(count), dtype=np.uint64)
+    add_packed(total, data, bits)
+    if bits < MAX_BITS:
+        total &= np.uint64(2**bits - 1)
+    return total[:count]
+
+
+def _groups(count: int) -> int:
+    return -(-count // 64)

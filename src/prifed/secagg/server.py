@@ -41,9 +41,10 @@ from prifed.secagg.client import (
 from prifed.secagg.config import RoundPlan, SecAggConfig, neighbourhoods
 from prifed.secagg.encoding import (
     MAX_BITS,
+    add_packed,
     decode_sum,
     packed_size,
-    unpack_bits,
+    padded_length,
     vector_length,
 )
 from prifed.secagg.messages import (
@@ -90,7 +91,7 @@ class SecAggServer:
         self._ciphertexts: dict[str, dict[str, bytes]] = {}
         self._invalid: dict[str, set[str]] = {}
         self._delivered: set[str] = set()
-        self._total = np.zeros(self._length, dtype=np.uint64)
+        self._total = np.zeros(padded_length(self._length), dtype=np.uint64)
         self._requests: dict[str, tuple[list[str], list[str]]] = {}
         self._seed_shares: dict[str, dict[int, bytes]] = {}
         self._key_shares: dict[str, dict[int, bytes]] = {}
@@ -227,7 +228,7 @@ class SecAggServer:
             if sender not in senders or not isinstance(reason, str):
                 raise ValueError(f"invalid_shares names {sender!r}, which sent this "
                                  "site no share")
-        self._total += unpack_bits(masked, self._length, self.plan.bits)
+        add_packed(self._total, masked, self.plan.bits)
         self._delivered.add(site)
         for sender, reason in invalid.items():
             self._invalid.setdefault(sender, set()).add(site)
@@ -319,13 +320,13 @@ class SecAggServer:
             logger.warning("secagg round %d: site %s %s after delivering its masked "
                            "input; its update stays in the sum", self.server_round,
                            site, reason)
-        total = self._total
-        count = self._length
+        total = self._total[:self._length]
+        masks = crypto.MaskGenerator(self._length)
         for site in self._ordered(self._delivered):
             seed = self._rebuild(self._seed_shares.get(site, {}),
                                  f"self-mask seed of site {site!r}")
-            total -= crypto.mask(self_mask_key(seed, self.session, self.server_round,
-                                               site), count)
+            total -= masks.expand(self_mask_key(seed, self.session, self.server_round,
+                                                site))
         for site in self._lost:
             raw = self._rebuild(self._key_shares.get(site, {}),
                                 f"mask key of site {site!r}")
@@ -339,9 +340,9 @@ class SecAggServer:
                 key = crypto.pair_key(private, self._keys[peer][1], PAIRWISE_MASK,
                                       self.session, self.server_round, site, peer)
                 if self.points[peer] < self.points[site]:
-                    total -= crypto.mask(key, count)
+                    total -= masks.expand(key)
                 else:
-                    total += crypto.mask(key, count)
+                    total += masks.expand(key)
         self._result = self._finish(total)
         self.phase = DONE
         return {}
