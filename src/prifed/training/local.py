@@ -13,6 +13,9 @@ from torch import nn
 from prifed.training.metrics import binary_metrics
 
 OPTIMIZERS = ("sgd", "adam")
+DEFAULT_LOCAL_STEPS = 100
+DEFAULT_BATCH_SIZE = 4
+DEFAULT_LR = 0.001
 
 
 class LocalTrainer:
@@ -43,6 +46,25 @@ class LocalTrainer:
         self._position += batch.size
         return batch
 
+    def stream_state(self) -> tuple[np.ndarray, dict[str, Any]]:
+        """Return the stream's row order, and its position and generator state."""
+        return self._order.copy(), {"position": self._position,
+                                    "rng": self.rng.bit_generator.state}
+
+    def load_stream_state(self, order: np.ndarray, values: Mapping[str, Any]) -> None:
+        """Restore a stream saved by :meth:`stream_state`."""
+        order = np.asarray(order, dtype=np.int64)
+        position = int(values["position"])
+        if order.size and (order.min() < 0 or order.max() >= self.num_rows):
+            raise ValueError(f"saved row order refers to rows outside 0..."
+                             f"{self.num_rows - 1}; was it saved by another site?")
+        if not 0 <= position <= order.size:
+            raise ValueError(f"saved stream position must be in 0..{order.size}; "
+                             f"got {position}")
+        self.rng.bit_generator.state = dict(values["rng"])
+        self._order = order
+        self._position = position
+
     def train(self, model: nn.Module, config: Mapping[str, Any],
               optimizer: torch.optim.Optimizer | None = None,
               extra_loss: Any = None) -> tuple[int, dict[str, float]]:
@@ -51,8 +73,8 @@ class LocalTrainer:
         ``extra_loss`` is an optional callable of the model added to the loss
         (for example a proximal term).
         """
-        steps = int(config.get("local_steps", 100))
-        batch_size = int(config.get("batch_size", 4))
+        steps = int(config.get("local_steps", DEFAULT_LOCAL_STEPS))
+        batch_size = int(config.get("batch_size", DEFAULT_BATCH_SIZE))
         if optimizer is None:
             optimizer = make_optimizer(model, config)
         loss_fn = nn.BCEWithLogitsLoss()
@@ -80,7 +102,7 @@ def make_optimizer(model: nn.Module, config: Mapping[str, Any]
                    ) -> torch.optim.Optimizer:
     """Build the local optimiser named in ``config`` (sgd or adam)."""
     name = str(config.get("optimizer", "sgd"))
-    lr = float(config.get("lr", 0.001))
+    lr = float(config.get("lr", DEFAULT_LR))
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr)
     if name == "adam":
