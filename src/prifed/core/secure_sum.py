@@ -33,10 +33,14 @@ import json
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
+from prifed.core.aggregate import WeightedMean
+from prifed.core.messages import TrainInstruction
 from prifed.core.params import ParameterSet
-from prifed.errors import ProtocolError
+from prifed.errors import NotSupportedError, ProtocolError
 
 Message = dict[str, Any]
 """Plain data: JSON values and ``bytes``, with ``"phase"`` and ``"round"`` keys."""
@@ -127,6 +131,66 @@ class PrivateSumBackend(Protocol):
         """Return the coordinator side of one round among ``sites``."""
 
 
+@dataclass
+class SecureRound:
+    """One training round delivered as a private sum instead of updates.
+
+    ``metrics`` holds each delivering site's training metrics, ``failures``
+    the sites that failed or dropped and why. ``private_sum`` is None when the
+    round aborted, and ``aborted`` then says why.
+    """
+
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    private_sum: PrivateSum | None = None
+    aborted: str = ""
+
+
+@runtime_checkable
+class SecureSumTransport(Protocol):
+    """A transport whose sites send a private sum, never a plain update."""
+
+    def site_ids(self) -> list[str]:
+        """Return the sites that can take work now."""
+
+    def train_secure(self, server_round: int, params: Mapping[str, np.ndarray],
+                     instructions: Sequence[TrainInstruction]) -> SecureRound:
+        """Have the sites train, then run one private sum over their updates."""
+
+    def evaluate(self, server_round: int, params: Mapping[str, np.ndarray],
+                 sites: Sequence[str]) -> list[Any]:
+        """Ask sites to evaluate the global model on their test sets."""
+
+
+class SumMean:
+    """A mean aggregator whose input is a private sum, not replies.
+
+    Strategies that need only the weighted mean (FedAvg, FedProx, server
+    optimisers) read it through :meth:`result` as they would from the plain
+    aggregator.
+    """
+
+    def __init__(self, reference: Mapping[str, np.ndarray],
+                 private_sum: PrivateSum) -> None:
+        self._mean = WeightedMean(reference)
+        self._mean.add_sum(private_sum.weighted_sum, private_sum.total_weight,
+                           len(private_sum.sites))
+
+    @property
+    def count(self) -> int:
+        return self._mean.count
+
+    @property
+    def total_weight(self) -> float:
+        return self._mean.total_weight
+
+    def add(self, reply: Any) -> None:
+        raise NotSupportedError("a private sum takes no individual reply")
+
+    def result(self) -> ParameterSet:
+        return self._mean.result()
+
+
 def pack_message(message: Message) -> bytes:
     """Serialise a message to bytes: header length, JSON header, raw bytes values."""
     blobs: list[bytes] = []
@@ -136,7 +200,7 @@ def pack_message(message: Message) -> bytes:
 
 
 def unpack_message(data: bytes) -> Message:
-    """Parse bytes written by :func:`pack_message`, raising ProtocolError if malformed."""
+    """Parse bytes from :func:`pack_message`; raise ProtocolError if malformed."""
     try:
         (length,) = _HEADER.unpack_from(data, 0)
         header = json.loads(data[_HEADER.size:_HEADER.size + length])

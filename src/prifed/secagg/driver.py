@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from prifed.core.aggregate import WeightedMean
 from prifed.core.params import ParameterSet, num_values
 from prifed.core.secure_sum import (
+    Combiner,
     Message,
     MessageRejected,
     PrivateSum,
+    SiteEncoder,
     pack_message,
     unpack_message,
 )
@@ -90,10 +92,6 @@ def run_secagg_round(updates: Mapping[str, ParameterSet],
     phase on. ``mean`` is None when the total weight is zero. Raises
     PrivateSumAborted when too few sites remain, with no model produced.
     """
-    unknown = sorted(set(dropouts or {}) - set(PHASES))
-    if unknown:
-        raise ConfigError(f"dropout phases must be among {', '.join(PHASES)}; got "
-                          f"{unknown[0]!r}")
     sites = list(updates)
     backend = SecAggBackend(config)
     server = backend.combiner(server_round, sites, reference)
@@ -102,15 +100,36 @@ def run_secagg_round(updates: Mapping[str, ParameterSet],
                for site in sites}
     stats = RoundStats(bytes_sent=dict.fromkeys(sites, 0),
                        bytes_received=dict.fromkeys(sites, 0))
+    private_sum = exchange(server, clients, dropouts, recorder, intercept, stats)
+    stats.coordinator_seconds = server.seconds
+    stats.site_seconds = {site: client.seconds for site, client in clients.items()}
+    return SecAggRound(_mean(private_sum, reference), private_sum, stats,
+                       list(server.rejected))
+
+
+def exchange(combiner: Combiner, encoders: Mapping[str, SiteEncoder],
+             dropouts: Mapping[str, Collection[str]] | None = None,
+             recorder: Recorder | None = None, intercept: Intercept | None = None,
+             stats: RoundStats | None = None) -> PrivateSum:
+    """Relay one round's messages between a combiner and its sites.
+
+    Every message is framed to bytes and parsed back, as over a network. A
+    site whose encoder raises ProtocolError leaves the round; a reply the
+    combiner rejects is left out. Raises PrivateSumAborted from the combiner.
+    """
+    unknown = sorted(set(dropouts or {}) - set(PHASES))
+    if unknown:
+        raise ConfigError(f"dropout phases must be among {', '.join(PHASES)}; got "
+                          f"{unknown[0]!r}")
     gone: set[str] = set()
-    requests = server.start()
+    requests = combiner.start()
     while requests:
         phase = next(iter(requests.values()))["phase"]
         gone |= set((dropouts or {}).get(phase, ()))
         for site, request in requests.items():
             if site in gone:
                 continue
-            reply = _exchange(site, request, clients[site], stats, recorder)
+            reply = _relay(site, request, encoders[site], stats, recorder)
             if reply is None:
                 gone.add(site)
                 continue
@@ -119,31 +138,31 @@ def run_secagg_round(updates: Mapping[str, ParameterSet],
                 if reply is None:
                     continue
             try:
-                server.receive(site, reply)
+                combiner.receive(site, reply)
             except MessageRejected:
                 continue
-        requests = server.close_phase()
-    stats.coordinator_seconds = server.seconds
-    stats.site_seconds = {site: client.seconds for site, client in clients.items()}
-    private_sum = server.result()
-    return SecAggRound(_mean(private_sum, reference), private_sum, stats,
-                       list(server.rejected))
+        requests = combiner.close_phase()
+    return combiner.result()
 
 
-def _exchange(site: str, request: Message, client: SecAggClient, stats: RoundStats,
-              recorder: Recorder | None) -> Message | None:
+def _relay(site: str, request: Message, encoder: SiteEncoder,
+           stats: RoundStats | None, recorder: Recorder | None) -> Message | None:
     framed = pack_message(request)
-    stats.bytes_received[site] += len(framed)
+    if stats is not None:
+        stats.bytes_received[site] = stats.bytes_received.get(site, 0) + len(framed)
     if recorder is not None:
         recorder.append(("to", site, framed))
     try:
-        reply = client.handle(unpack_message(framed))
+        reply = encoder.handle(unpack_message(framed))
     except ProtocolError as error:
-        logger.warning("secagg round %d: site %s leaves the round: %s",
-                       client.server_round, site, error)
+        logger.warning("secagg round %s: site %s leaves the round: %s",
+                       request.get("round"), site, error)
+        return None
+    if reply is None:
         return None
     framed = pack_message(reply)
-    stats.bytes_sent[site] += len(framed)
+    if stats is not None:
+        stats.bytes_sent[site] = stats.bytes_sent.get(site, 0) + len(framed)
     if recorder is not None:
         recorder.append(("from", site, framed))
     return unpack_message(framed)
