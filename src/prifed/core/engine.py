@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from prifed.core.messages import EvaluateReply, Failure, TrainReply
-from prifed.core.params import ParameterSet, copy_params, validate_update
+from prifed.core.params import ParameterSet, copy_params
 from prifed.core.strategy import Strategy
 from prifed.core.transport import Transport
 from prifed.errors import UpdateRejected
@@ -112,6 +112,7 @@ class RoundEngine:
                 continue
             try:
                 self._check_reply(reply, params, expected, record)
+                self.strategy.check_update(reply, params)
                 self.strategy.check_reply(reply, params)
             except UpdateRejected as error:
                 record.rejected[reply.site] = error.reason
@@ -135,7 +136,6 @@ class RoundEngine:
         if not isinstance(reply.num_samples, int) or reply.num_samples < 0:
             raise UpdateRejected(reply.site, "num_samples must be an integer >= 0; "
                                  f"got {reply.num_samples!r}")
-        validate_update(reply.site, params, reply.params)
 
     def _evaluate(self, server_round: int, params: Mapping[str, np.ndarray],
                   record: RoundRecord) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from prifed.core.aggregate import WeightedMean
 from prifed.core.messages import TrainInstruction, TrainReply
-from prifed.core.params import ParameterSet, copy_params
+from prifed.core.params import ParameterSet, copy_params, validate_update
 from prifed.errors import ConfigError
 
 
@@ -93,6 +93,17 @@ class Strategy(ABC):
         """Return one training instruction per selected site."""
         return [TrainInstruction(site, server_round, dict(self.local_config))
                 for site in self.select_sites(server_round, sites, rng)]
+
+    def check_update(self, reply: TrainReply,
+                     params: Mapping[str, np.ndarray]) -> None:
+        """Raise UpdateRejected when a reply's model does not match the global model.
+
+        The engine calls this before :meth:`check_reply`. The default checks
+        names, shapes, dtypes and finite values against ``params``. A strategy
+        whose replies carry no model in the clear (homomorphic encryption)
+        checks their own form instead.
+        """
+        validate_update(reply.site, params, reply.params)
 
     def check_reply(self, reply: TrainReply,
                     params: Mapping[str, np.ndarray]) -> None:
