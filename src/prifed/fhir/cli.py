@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from prifed.errors import DataError
 from prifed.fhir.ingest import write_site_table
 from prifed.fhir.quality import QualityReport, load_report, merge_reports
 from prifed.fhir.spec import load_spec, spec_hash
@@ -51,13 +53,13 @@ def from_fhir(
         help="feature specification file (.toml, .yaml or .json)")],
     site: Annotated[str, typer.Option(help="site name written to the site column")],
     output: Annotated[Path, typer.Option(help="CSV feature table to write")],
-    report: Annotated[Optional[Path], typer.Option(
+    report: Annotated[Path | None, typer.Option(
         help="JSON quality report to write (aggregate counts only, shareable)")
     ] = None,
-    rejections: Annotated[Optional[Path], typer.Option(
+    rejections: Annotated[Path | None, typer.Option(
         help="CSV log of rejected records with resource ids; keep it at the site")
     ] = None,
-    work_dir: Annotated[Optional[Path], typer.Option(
+    work_dir: Annotated[Path | None, typer.Option(
         help="folder for the temporary on-disk spill (default: system temp)")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
@@ -94,9 +96,9 @@ def spec_hash_command(
 @data_app.command("merge-reports")
 def merge_reports_command(
     reports: Annotated[list[Path], typer.Argument(help="site quality reports (JSON)")],
-    expected_hash: Annotated[Optional[str], typer.Option(
+    expected_hash: Annotated[str | None, typer.Option(
         help="specification hash every site must have used")] = None,
-    output: Annotated[Optional[Path], typer.Option(
+    output: Annotated[Path | None, typer.Option(
         help="JSON file for the federation-wide table")] = None,
 ) -> None:
     """Gather site quality reports into one federation-wide table."""
@@ -106,3 +108,48 @@ def merge_reports_command(
     if output is not None:
         output.write_text(json.dumps(federation.to_dict(), indent=2) + "\n",
                           encoding="utf-8")
+
+
+@data_app.command("stack")
+def stack_command(
+    tables: Annotated[list[Path], typer.Argument(help="site feature tables (CSV)")],
+    output: Annotated[Path, typer.Option(help="CSV file to write")],
+) -> None:
+    """Stack site tables with the same columns into one table for a simulation.
+
+    Real sites keep their tables; one stacked file serves ``prifed simulate``.
+    """
+    try:
+        count = _stack(tables, output)
+    except DataError:
+        output.unlink(missing_ok=True)
+        raise
+    typer.echo(f"wrote {output}: {count} sites")
+
+
+def _stack(tables: list[Path], output: Path) -> int:
+    header: list[str] | None = None
+    sites: dict[str, int] = {}
+    with output.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        for number, path in enumerate(tables):
+            with path.open(newline="", encoding="utf-8") as source:
+                reader = csv.reader(source)
+                columns = next(reader, None)
+                if columns is None or "site" not in columns:
+                    raise DataError(f"table {path} has no header with a site column")
+                if header is None:
+                    header = columns
+                    writer.writerow(header)
+                elif columns != header:
+                    raise DataError(
+                        f"table {path} has columns {columns}; expected {header}")
+                position = columns.index("site")
+                for row in reader:
+                    owner = sites.setdefault(row[position], number)
+                    if owner != number:
+                        raise DataError(
+                            f"site {row[position]!r} appears in both "
+                            f"{tables[owner]} and {path}")
+                    writer.writerow(row)
+    return len(sites)

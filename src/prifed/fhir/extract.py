@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -27,7 +27,6 @@ from prifed.fhir.quality import Rejection, safe_label
 from prifed.fhir.reader import RawItem
 from prifed.fhir.spec import (
     ConditionFeature,
-    ConditionLabel,
     EncounterCountFeature,
     FeatureSpec,
     ObservationFeature,
@@ -35,6 +34,7 @@ from prifed.fhir.spec import (
 )
 from prifed.fhir.store import Fact, FactStore, PatientRecord
 
+_ObservationTarget = ObservationFeature | ObservationLabel
 LABEL_SLOT = -1
 FOLLOW_UP_SLOT = -2
 USED_TYPES = frozenset({"Patient", "Observation", "Condition", "Encounter"})
@@ -58,7 +58,7 @@ _TYPED_REF = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}"
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model(resource_type: str) -> Any:
     try:
         return get_fhir_model_class(resource_type)
@@ -66,7 +66,7 @@ def _model(resource_type: str) -> Any:
         return None
 
 
-def _error_reason(error: dict[str, Any]) -> str:
+def _error_reason(error: Mapping[str, Any]) -> str:
     kind = str(error.get("type", ""))
     message = str(error.get("msg", ""))
     if kind == "extra_forbidden":
@@ -135,7 +135,7 @@ class Extractor:
 
     def _plan(self) -> None:
         spec = self.spec
-        self._obs: dict[str, list[tuple[int, ObservationFeature | ObservationLabel]]] = {}
+        self._obs: dict[str, list[tuple[int, _ObservationTarget]]] = {}
         self._cond: dict[tuple[str, str], list[int]] = {}
         self._encounters: list[tuple[int, EncounterCountFeature]] = []
         self._windows: dict[int, _Window] = {}
@@ -384,7 +384,8 @@ class Extractor:
                            f"{element}Quantity.code", where, name)
             return None
         try:
-            value = units.convert(float(quantity.value), unit, target.unit, target.loinc)
+            value = units.convert(float(quantity.value), unit, target.unit,
+                                  target.loinc)
         except units.UnitError:
             self._rejected("Observation", key, "unit_not_convertible",
                            f"{element}Quantity.code", where, name)
@@ -420,7 +421,8 @@ class Extractor:
         if self._condition_systems and not any(
                 system in self._condition_systems for system, _ in codings):
             self.not_recognised["Condition.code"] += 1
-        slots = sorted({slot for coding in codings for slot in self._cond.get(coding, [])})
+        slots = sorted({slot for coding in codings
+                        for slot in self._cond.get(coding, [])})
         if not slots:
             return
 
@@ -483,4 +485,5 @@ class Extractor:
         if self._follow_up:
             placement = place(days, self.index, self._horizon)
             if placement is Placement.INSIDE:
-                self.store.add_fact(ref, Fact(FOLLOW_UP_SLOT, days[1], second, 1.0, key))
+                self.store.add_fact(ref, Fact(FOLLOW_UP_SLOT, days[1], second,
+                                              1.0, key))

@@ -125,7 +125,8 @@ class SiteImport:
         logger.info("ingest: site %s reading %d files (%d ignored), spec %s %s",
                     self.site, len(files), ignored, self.spec.name, self.spec.version)
 
-        with RejectionLog(self.rejections_path) as log, FactStore(self.work_dir) as store:
+        log = RejectionLog(self.rejections_path)
+        with log, FactStore(self.work_dir) as store:
             tally = _Tally(log)
             extractor = Extractor(self.spec, store, tally.reject)
             for path in files:

@@ -31,7 +31,7 @@ REPORT_FORMAT = "prifed.fhir.quality/1"
 # Element names and other labels that travel in a report must match this
 # pattern (safe_label replaces any other text and the report model validates
 # it), so that free text from a record cannot leak through a malformed key.
-LABEL_PATTERN = r"^[A-Za-z][A-Za-z0-9_.\[\]-]{0,99}$"
+LABEL_PATTERN = r"^(\([a-z]+\)|[A-Za-z][A-Za-z0-9_.\[\]-]{0,99})$"
 _LABEL_RE = re.compile(LABEL_PATTERN)
 SITE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -128,7 +128,7 @@ class LabelCounts(_Counts):
 class QualityReport(_Counts):
     """Aggregate data-quality counts of one site's import; safe to share."""
 
-    format: Literal["prifed.fhir.quality/1"] = REPORT_FORMAT
+    format: Literal["prifed.fhir.quality/1"] = "prifed.fhir.quality/1"
     site: str = Field(pattern=SITE_PATTERN)
     spec_name: str
     spec_version: str
@@ -184,7 +184,8 @@ def load_report(path: str | Path) -> QualityReport:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
-        raise DataError(f"cannot read quality report {path}: {error.strerror}") from None
+        raise DataError(
+            f"cannot read quality report {path}: {error.strerror}") from None
     return parse_report(text)
 
 
@@ -411,7 +412,8 @@ def _warnings(reports: list[QualityReport], missing_gap: float,
         for name in reports[0].features:
             for report in reports:
                 own = _present_fraction(report, name)
-                others = [_present_fraction(r, name) for r in reports if r is not report]
+                others = [_present_fraction(other, name) for other in reports
+                          if other is not report]
                 known = [value for value in others if value is not None]
                 if own is None or not known:
                     continue

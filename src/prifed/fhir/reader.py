@@ -4,9 +4,9 @@ An input is a file or a folder searched recursively for ``*.json``,
 ``*.ndjson`` and ``*.jsonl`` files, each optionally gzip-compressed (``.gz``).
 A ``.json`` file contains a Bundle or a single resource. A Bundle is read
 entry by entry with ijson, so memory contains one entry at a time. An NDJSON
-file contains one resource per line. Items come out as decoded JSON objects, each with the
-place it came from; an item that cannot be decoded comes out as an error, and
-reading goes on with the next line or file.
+file contains one resource per line. Items come out as decoded JSON objects,
+each with the place it came from. An item that cannot be decoded comes out as
+an error, and reading goes on with the next line or file.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import ijson
 
 from prifed.errors import DataError
 
-BUNDLE_TYPES = frozenset({"transaction", "batch", "collection", "searchset", "document"})
+BUNDLE_TYPES = frozenset({"transaction", "batch", "collection", "searchset",
+                          "document"})
 _NDJSON_SUFFIXES = (".ndjson", ".jsonl")
 _JSON_SUFFIXES = (".json",)
 
@@ -82,7 +83,7 @@ def discover(path: str | Path) -> tuple[list[Path], int]:
 
 def _open(path: Path) -> IO[bytes]:
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(path, "rb")  # type: ignore[return-value]
     return path.open("rb")
 
 

@@ -18,7 +18,7 @@ import tomllib
 from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -106,8 +106,8 @@ class EncounterCountFeature(_Strict):
 
 
 Feature = Annotated[
-    Union[AgeFeature, SexFeature, ObservationFeature, ConditionFeature,
-          EncounterCountFeature],
+    AgeFeature | SexFeature | ObservationFeature | ConditionFeature
+    | EncounterCountFeature,
     Field(discriminator="kind"),
 ]
 
@@ -143,7 +143,7 @@ class ObservationLabel(_Strict):
         return self
 
 
-Label = Annotated[Union[ConditionLabel, ObservationLabel],
+Label = Annotated[ConditionLabel | ObservationLabel,
                   Field(discriminator="kind")]
 
 

@@ -169,7 +169,8 @@ def convert(value: float, source: str, target: str, loinc: str) -> float:
         return (base - to_def.offset) / to_def.factor
 
     pair = {from_def.dimension, to_def.dimension}
-    if pair == {"mass concentration", "substance concentration"} and loinc in MOLAR_MASS:
+    molar = {"mass concentration", "substance concentration"}
+    if pair == molar and loinc in MOLAR_MASS:
         molar_mass = MOLAR_MASS[loinc]
         base = value * from_def.factor
         if from_def.dimension == "substance concentration":
