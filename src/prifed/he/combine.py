@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import tenseal as ts
@@ -34,7 +35,7 @@ def parse_ciphertexts(key: FederationKey, layout: Layout,
             f"expected {len(expected)} ciphertexts for {layout.num_values:,} values "
             f"at {layout.slots:,} slots each; got {len(ciphertexts)}")
     vectors = []
-    for index, (data, size) in enumerate(zip(ciphertexts, expected)):
+    for index, (data, size) in enumerate(zip(ciphertexts, expected, strict=True)):
         where = f"ciphertext {index + 1} of {len(expected)}"
         try:
             vector = ts.ckks_vector_from(key.context, data)
@@ -45,6 +46,14 @@ def parse_ciphertexts(key: FederationKey, layout: Layout,
             raise ValueError(f"{where} holds {vector.size()} values; expected {size}")
         vectors.append(vector)
     return vectors
+
+
+@dataclass(frozen=True)
+class PreparedUpdate:
+    """A checked update with its parsed ciphertexts, ready to add."""
+
+    update: EncryptedUpdate
+    vectors: list[ts.CKKSVector]
 
 
 class EncryptedSum:
@@ -90,18 +99,31 @@ class EncryptedSum:
 
         Raises UpdateRejected naming the site; a rejected update changes nothing.
         """
+        self.commit(self.prepare(update))
+
+    def prepare(self, update: EncryptedUpdate) -> PreparedUpdate:
+        """Check and parse an update without adding it; raises UpdateRejected."""
         started = time.perf_counter()
-        site = update.site
         self._check(update)
         try:
             vectors = parse_ciphertexts(self.key, self.layout, update.ciphertexts)
         except ValueError as error:
-            raise UpdateRejected(site, str(error)) from None
+            raise UpdateRejected(update.site, str(error)) from None
+        self.seconds += time.perf_counter() - started
+        return PreparedUpdate(update, vectors)
+
+    def commit(self, prepared: PreparedUpdate) -> None:
+        """Add an update returned by :meth:`prepare`; raises UpdateRejected."""
+        started = time.perf_counter()
+        update, vectors = prepared.update, prepared.vectors
+        site = update.site
+        self._check(update)
         if not self._sum:
-            self._sum = vectors
+            self._sum = list(vectors)
         else:
             try:
-                self._sum = [total + vector for total, vector in zip(self._sum, vectors)]
+                self._sum = [total + vector
+                             for total, vector in zip(self._sum, vectors, strict=True)]
             except ValueError as error:
                 raise UpdateRejected(site, f"ciphertexts cannot be added ({error}): "
                                      "they were made with another scale") from None

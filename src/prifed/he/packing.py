@@ -84,7 +84,7 @@ class Layout:
                              f"got {values.size}")
         out: ParameterSet = {}
         start = 0
-        for name, shape in zip(self.names, self.shapes):
+        for name, shape in zip(self.names, self.shapes, strict=True):
             size = math.prod(shape)
             out[name] = values[start:start + size].reshape(shape)
             start += size

@@ -129,7 +129,8 @@ class CKKSParams:
         try:
             params = cls(
                 poly_modulus_degree=int(values["poly_modulus_degree"]),
-                coeff_mod_bit_sizes=tuple(int(b) for b in values["coeff_mod_bit_sizes"]),
+                coeff_mod_bit_sizes=tuple(
+                    int(bits) for bits in values["coeff_mod_bit_sizes"]),
                 scale_bits=int(values["scale_bits"]),
                 num_sites=int(values["num_sites"]),
                 value_range=float(values["value_range"]),

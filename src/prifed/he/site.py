@@ -212,7 +212,7 @@ class HESite:
         self.applied_round = 0
 
     def receive(self, params: Mapping[str, np.ndarray]) -> ParameterSet:
-        """Take what the coordinator sent (initial model or aggregate); return the model.
+        """Take the initial model or apply an aggregate; return the global model.
 
         An aggregate of a round already applied changes nothing, so the same
         aggregate may arrive with both the evaluation and the next training.

@@ -127,8 +127,8 @@ def test_clear_model_after_start_is_refused(site_key: FederationKey) -> None:
 def test_site_state_roundtrip(site_key: FederationKey,
                               coord_key: FederationKey) -> None:
     sites = run_encrypted(site_key, coord_key, "fedyogi", rounds=2)
-    restored = HESite("copy", site_key, build_server_optimizer("fedyogi", server_lr=0.05,
-                                                               tau=1e-2))
+    optimizer = build_server_optimizer("fedyogi", server_lr=0.05, tau=1e-2)
+    restored = HESite("copy", site_key, optimizer)
     restored.load_state_dict(sites[0].state_dict())
     assert restored.applied_round == 2
     assert restored.digest == sites[0].digest
