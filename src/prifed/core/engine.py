@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from prifed.core.messages import EvaluateReply, Failure, TrainReply
+from prifed.core.messages import EvaluateReply, Failure, TrainInstruction, TrainReply
 from prifed.core.params import ParameterSet, copy_params
+from prifed.core.secure_sum import SecureSumTransport
 from prifed.core.strategy import Strategy
 from prifed.core.transport import Transport
 from prifed.errors import UpdateRejected
@@ -78,9 +79,13 @@ class RoundEngine:
         record = RoundRecord(server_round, [i.site for i in instructions])
         logger.info("fit %s: sampled %d sites", label, len(instructions))
 
-        replies = self.transport.train(server_round, params, instructions)
-        accepted = self._screen(label, params, replies, record)
-        new_params = self.strategy.aggregate_train(server_round, params, accepted)
+        if isinstance(self.transport, SecureSumTransport):
+            new_params = self._train_secure(label, server_round, params,
+                                            instructions, record)
+        else:
+            replies = self.transport.train(server_round, params, instructions)
+            accepted = self._screen(label, params, replies, record)
+            new_params = self.strategy.aggregate_train(server_round, params, accepted)
         if new_params is None:
             record.skipped = True
             new_params = copy_params(params)
@@ -98,6 +103,24 @@ class RoundEngine:
         if self.on_round is not None:
             self.on_round(record)
         return new_params
+
+    def _train_secure(self, label: str, server_round: int,
+                      params: Mapping[str, np.ndarray],
+                      instructions: Sequence[TrainInstruction],
+                      record: RoundRecord) -> ParameterSet | None:
+        """Train through a private sum, so the engine never sees one update."""
+        assert isinstance(self.transport, SecureSumTransport)
+        outcome = self.transport.train_secure(server_round, params, instructions)
+        for site, reason in outcome.failures.items():
+            record.failures[site] = reason
+            logger.warning("fit %s: site %s failed: %s", label, site, redact(reason))
+        record.accepted.extend(outcome.metrics)
+        record.train_metrics.update(outcome.metrics)
+        if outcome.private_sum is None:
+            record.skipped = True
+            logger.error("fit %s: %s", label, redact(outcome.aborted))
+            return copy_params(params)
+        return self.strategy.aggregate_sum(server_round, params, outcome.private_sum)
 
     def _screen(self, label: str, params: Mapping[str, np.ndarray],
                 replies: Iterable[TrainReply | Failure],

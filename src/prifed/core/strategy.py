@@ -17,7 +17,8 @@ import numpy as np
 from prifed.core.aggregate import WeightedMean
 from prifed.core.messages import TrainInstruction, TrainReply
 from prifed.core.params import ParameterSet, copy_params, validate_update
-from prifed.errors import ConfigError
+from prifed.core.secure_sum import PrivateSum, SumMean
+from prifed.errors import ConfigError, NotSupportedError
 
 
 class MeanAggregator(Protocol):
@@ -136,6 +137,17 @@ class Strategy(ABC):
         if aggregator.total_weight <= 0:
             return None
         return self.finish_aggregation(server_round, params, aggregator)
+
+    def aggregate_sum(self, server_round: int, params: Mapping[str, np.ndarray],
+                      private_sum: PrivateSum) -> ParameterSet | None:
+        """Aggregate a private sum of updates; return None when its weight is zero."""
+        if self.needs_individual_updates:
+            raise NotSupportedError(f"strategy {self.name} needs each site's update, "
+                                    "which a private sum hides")
+        if private_sum.total_weight <= 0:
+            return None
+        return self.finish_aggregation(server_round, params,
+                                       SumMean(params, private_sum))
 
     def state_dict(self) -> dict[str, Any]:
         """Return the state to save between rounds (JSON values and arrays)."""
