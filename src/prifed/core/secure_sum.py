@@ -10,7 +10,7 @@ A round is message passing between one :class:`Combiner` on the coordinator
 and one :class:`SiteEncoder` per site. The combiner issues requests phase by
 phase, and each site sends at most one reply to a request. The combiner takes
 replies as they arrive. When a phase closes (every site replied or a deadline
-passed), the combiner returns the next phase's requests. Sites that did not answer
+passed), the combiner returns the next phase's requests. Sites that did not reply
 count as dropped. The same objects run in process for simulation and behind
 HTTP handlers in deployment, because a message is plain data:
 
@@ -135,7 +135,7 @@ class PrivateSumBackend(Protocol):
 class SecureRound:
     """One training round delivered as a private sum instead of updates.
 
-    ``metrics`` holds each delivering site's training metrics, ``failures``
+    ``metrics`` contains each delivering site's training metrics, ``failures``
     the sites that failed or dropped and why. ``private_sum`` is None when the
     round aborted, and ``aborted`` then says why.
     """

@@ -155,6 +155,7 @@ class SecAggClient:
                               require_int(request, "precision_bits"),
                               require_int(request, "max_samples"))
         length = require_int(request, "vector_length")
+
         points = list(neighbours.values())
         if not all(isinstance(p, int) and not isinstance(p, bool) and p >= 1
                    for p in points) or len(set(points + [index])) != len(points) + 1:
@@ -162,6 +163,7 @@ class SecAggClient:
                              "different from this site's point")
         if self.site in neighbours or index < 1 or num_sites < len(neighbours) + 1:
             raise ValueError("neighbours must exclude this site and fit num_sites")
+
         if not 2 <= threshold <= len(neighbours) + 1:
             raise ValueError(f"threshold must be between 2 and {len(neighbours) + 1} "
                              f"share holders; got {threshold}")

@@ -19,7 +19,7 @@ from prifed.secagg.encoding import FixedPoint
 
 MODES = ("secagg", "secagg+")
 MIN_SITES = 3
-"""A sum over two sites tells each of them the other's update, so at least 3."""
+"""A sum over two sites reveals to each of them the other's update."""
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,10 @@ class SecAggConfig:
         if self.mode == "secagg":
             return num_sites - 1
         if self.neighbours is not None:
-            wanted = self.neighbours
+            requested = self.neighbours
         else:
-            wanted = 2 * math.ceil(2 * math.log2(num_sites))
-        return min(num_sites - 1, wanted)
+            requested = 2 * math.ceil(2 * math.log2(num_sites))
+        return min(num_sites - 1, requested)
 
 
 @dataclass(frozen=True)

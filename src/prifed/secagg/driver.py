@@ -121,17 +121,17 @@ def exchange(combiner: Combiner, encoders: Mapping[str, SiteEncoder],
     if unknown:
         raise ConfigError(f"dropout phases must be among {', '.join(PHASES)}; got "
                           f"{unknown[0]!r}")
-    gone: set[str] = set()
+    stopped: set[str] = set()
     requests = combiner.start()
     while requests:
         phase = next(iter(requests.values()))["phase"]
-        gone |= set((dropouts or {}).get(phase, ()))
+        stopped |= set((dropouts or {}).get(phase, ()))
         for site, request in requests.items():
-            if site in gone:
+            if site in stopped:
                 continue
             reply = _relay(site, request, encoders[site], stats, recorder)
             if reply is None:
-                gone.add(site)
+                stopped.add(site)
                 continue
             if intercept is not None:
                 reply = intercept(site, reply)

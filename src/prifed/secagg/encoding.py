@@ -126,7 +126,7 @@ def decode_sum(total: np.ndarray, bits: int, reference: Mapping[str, np.ndarray]
                encoding: FixedPoint) -> tuple[ParameterSet, int, int]:
     """Turn the unmasked sum into the weighted delta sum, total weight and clips.
 
-    ``total`` holds the sum modulo 2**bits. Values at or above 2**(bits - 1)
+    ``total`` contains the sum modulo 2**bits. Values at or above 2**(bits - 1)
     are negative. Returns the sum of weight times delta per tensor (float64),
     the sum of weights and the number of clipped values.
     """

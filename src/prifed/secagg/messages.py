@@ -11,8 +11,8 @@ remaining site and at most one reply back:
 3. ``masked_input``: the coordinator relays the ciphertexts addressed to the
    site; the site replies with its masked, packed integer vector.
 4. ``unmask``: the coordinator names which neighbours delivered and which
-   dropped; the site replies with self-mask seed shares of the former and
-   mask-key shares of the latter, never both for one site.
+   dropped. The site replies with self-mask seed shares of the former and
+   mask-key shares of the latter, and never with both for one site.
 """
 
 from __future__ import annotations

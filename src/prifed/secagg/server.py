@@ -1,10 +1,11 @@
 """The coordinator side of secure aggregation: relay, check, then unmask the sum.
 
 A :class:`SecAggServer` runs one round among a fixed list of sites. It
-relays public keys and encrypted shares, adds each masked vector to a running
-sum as it arrives (no single masked vector is kept), and at the end rebuilds
-the self-mask seeds of sites that delivered and the mask keys of sites that
-dropped after sharing, which is enough to remove every mask from the sum.
+relays public keys and encrypted shares and adds each masked vector to a
+running sum as it arrives, so no single masked vector is kept. At the end it
+rebuilds the self-mask seeds of sites that delivered and the mask keys of
+sites that dropped after sharing. That is enough to remove every mask from
+the sum.
 
 A site that misses a phase is declared dropped and any later message from it
 in this round is rejected. So are duplicate replies, replies for another
@@ -370,18 +371,18 @@ class SecAggServer:
         return PrivateSum(weighted_sum, float(weight), contributors, dropped, clipped,
                           encoding.max_error(len(contributors), weight))
 
-    def _rebuild(self, shares: dict[int, bytes], what: str) -> bytes:
-        self._need(len(shares), what)
+    def _rebuild(self, shares: dict[int, bytes], description: str) -> bytes:
+        self._need(len(shares), description)
         try:
             return shamir.combine(shares, self.plan.threshold, crypto.KEY_BYTES)
         except shamir.ShareError as error:
-            self._abort(f"{what} cannot be rebuilt: {error}")
+            self._abort(f"{description} cannot be rebuilt: {error}")
             raise
 
-    def _need(self, available: int, what: str) -> None:
+    def _need(self, available: int, description: str) -> None:
         if available < self.plan.threshold:
-            self._abort(f"{available} sites can reveal the {what}, fewer than the "
-                        f"threshold {self.plan.threshold}")
+            self._abort(f"{available} sites can reveal the {description}, fewer "
+                        f"than the threshold {self.plan.threshold}")
 
     def _end_phase(self, reason: str) -> None:
         for site in self._ordered(self._active - self._replied):

@@ -58,7 +58,7 @@ def combine(shares: Mapping[int, bytes], threshold: int, length: int) -> bytes:
 
     Uses the ``threshold`` shares with the smallest points. Shares beyond
     those are not checked for consistency, so a wrong share among them goes
-    unnoticed; callers that can check the secret (a public key) do so.
+    unnoticed. Callers that can check the secret (against a public key) do.
     """
     if len(shares) < threshold:
         raise ShareError(f"need {threshold} shares to rebuild the secret; "

@@ -38,7 +38,7 @@ Dropouts = Callable[[int], Mapping[str, Collection[str]]]
 
 
 class PlainTransport(Protocol):
-    """What the secure transport needs from the transport it wraps."""
+    """The interface that the secure transport needs from the transport it wraps."""
 
     def site_ids(self) -> list[str]: ...
 
