@@ -121,8 +121,9 @@ def test_encode_caps_weight_and_counts_it() -> None:
 
 
 def test_sum_at_bound_does_not_wrap() -> None:
-    # Every site at +clip with the largest weight: the sum sits at the bound
-    # of the modulus, where a 32-bit field would have wrapped long before.
+    # Every site at +clip with the largest weight: the second value's sum is
+    # 60% of the way to the wrap point of the 42-bit modulus, where a 32-bit
+    # field would have wrapped long before.
     encoding = FixedPoint(clip=1.0, precision_bits=16, max_samples=100_000)
     reference = {"w": np.zeros(4)}
     sites = 200
@@ -132,7 +133,7 @@ def test_sum_at_bound_does_not_wrap() -> None:
         update = {"w": np.array([sign * 5.0, 1.0, -1.0, 0.0])}
         total += encode(update, reference, 100_000, encoding).vector
     deltas, weight, clipped = decode_sum(total, bits, reference, encoding)
-    assert bits > 32
+    assert bits == 42
     assert deltas["w"].tolist() == [2 * 100_000.0, sites * 100_000.0,
                                     -sites * 100_000.0, 0.0]
     assert weight == sites * 100_000
