@@ -1,0 +1,233 @@
+"""DP in a simulated federation: options, site folders, and the privacy summary.
+
+A simulation plays every site, so it also writes each site's policy file
+when the site has none (with the run's limit) before any round starts. In a
+deployment each site writes its own policy and keeps its folder; nothing here
+runs at the coordinator except :func:`private_strategy` and
+:func:`privacy_summary`, which reads only what sites report.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from prifed.core.engine import RoundRecord
+from prifed.core.strategy import Strategy
+from prifed.errors import ConfigError
+from prifed.log import get_logger, round_label
+from prifed.privacy.client import PrivateSiteClient
+from prifed.privacy.errors import BudgetExhausted
+from prifed.privacy.ledger import format_epsilon
+from prifed.privacy.policy import SitePolicy, policy_path, write_policy
+from prifed.privacy.settings import DPSettings
+from prifed.privacy.strategy import PrivateStrategy
+from prifed.privacy.validation import validate_for_dp
+from prifed.sitedata import PreparedSite
+
+logger = get_logger(__name__)
+
+DP_MODES = ("off", "record", "site")
+
+TRUST = {
+    "off": "no differential privacy",
+    "record": "record-level DP-SGD on each site; each site adds its own noise, "
+              "so no other party needs to be trusted for it",
+    "coordinator": "site-level DP with the noise added by the coordinator, which "
+                   "sees every clipped update: sites must trust it to add the "
+                   "noise and discard the clean sum (weaker trust assumption)",
+    "sites": "site-level DP with every site adding a share of the noise before "
+             "secure aggregation masks its update: no party sees the sum "
+             "without noise, as long as at least min_sites sites add shares",
+}
+
+
+@dataclass
+class PrivacyOptions:
+    """DP settings of a simulation, as ``prifed simulate`` takes them.
+
+    ``site_root`` is the folder that holds one privacy folder per site.
+    ``epsilon_limit`` goes into the policy files the simulation writes for
+    sites that have none; it defaults to ``epsilon`` (no limit when only a
+    noise multiplier is given).
+    """
+
+    mode: str = "off"
+    epsilon: float | None = None
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    clip_norm: float = 1.0
+    accountant: str = "rdp"
+    epsilon_limit: float | None = None
+    site_root: str | None = None
+    min_sites: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def validate(self) -> None:
+        """Check the options before any work starts."""
+        if self.mode not in DP_MODES:
+            raise ConfigError(f"dp must be one of {', '.join(DP_MODES)}; "
+                              f"got {self.mode!r}")
+        if not self.enabled:
+            return
+        if self.site_root is None:
+            raise ConfigError("DP needs a folder for the sites' policies and "
+                              "ledgers (site_root)")
+        if self.epsilon_limit is not None and not self.epsilon_limit > 0:
+            raise ConfigError("epsilon limit must be positive; got "
+                              f"{self.epsilon_limit}")
+        self.settings(1)
+
+    def settings(self, rounds: int, secure_aggregation: bool = False,
+                 num_sites: int | None = None, run_id: str = "") -> DPSettings:
+        """Return the DP settings the coordinator proposes for a run."""
+        placement = "sites" if secure_aggregation and self.mode == "site" \
+            else "coordinator"
+        min_sites = self.min_sites or (num_sites if placement == "sites" else None)
+        return DPSettings(self.mode, self.delta, self.epsilon, self.noise_multiplier,
+                          self.clip_norm, rounds, self.accountant, placement,
+                          min_sites, run_id)
+
+    def site_policy(self) -> SitePolicy:
+        """Return the policy a simulated site gets when it has none."""
+        limit = self.epsilon_limit if self.epsilon_limit is not None else self.epsilon
+        return SitePolicy(epsilon_limit=limit, delta=self.delta,
+                          accountant=self.accountant)  # type: ignore[arg-type]
+
+
+def site_folder(root: Path, site: str) -> Path:
+    """Return a site's privacy folder under ``root``, named safely after the site."""
+    return root / re.sub(r"[^A-Za-z0-9._-]+", "_", site)
+
+
+def check_model(model_factory: Callable[[], nn.Module], mode: str) -> None:
+    """Refuse, before the first round, a model that DP-SGD cannot train."""
+    if mode == "record":
+        model = model_factory()
+        model.train()
+        validate_for_dp(model)
+
+
+def private_clients(sites: Sequence[PreparedSite],
+                    model_factory: Callable[[], nn.Module], seed: int,
+                    options: PrivacyOptions) -> list[PrivateSiteClient]:
+    """Build one private client per site, writing missing policy files."""
+    assert options.site_root is not None
+    root = Path(options.site_root)
+    clients = []
+    for index, site in enumerate(sites):
+        folder = site_folder(root, site.name)
+        if not policy_path(folder).exists():
+            path = write_policy(folder, options.site_policy())
+            logger.info("dp: simulation wrote the policy of site %s at %s",
+                        site.name, path)
+        clients.append(PrivateSiteClient(
+            site.name, model_factory, site.train_x, site.train_y, site.test_x,
+            site.test_y, seed + index, folder, noise_seed=seed + 7717 * (index + 1)))
+    return clients
+
+
+def private_strategy(strategy: Strategy, options: PrivacyOptions, rounds: int,
+                     num_sites: int, seed: int, secure_aggregation: bool = False
+                     ) -> PrivateStrategy:
+    """Wrap a strategy so its rounds run with the options' DP settings."""
+    per_round = min(strategy.sites_per_round or num_sites, num_sites)
+    settings = options.settings(rounds, secure_aggregation, per_round)
+    return PrivateStrategy(strategy, settings, seed=seed)
+
+
+def round_privacy(record: RoundRecord) -> dict[str, float]:
+    """Return the largest epsilon any site reported this round, if any."""
+    spent = [m["dp_epsilon"] for m in record.train_metrics.values()
+             if "dp_epsilon" in m]
+    return {"epsilon": max(spent)} if spent else {}
+
+
+def log_round_privacy(record: RoundRecord, num_rounds: int) -> None:
+    """Log each site's reported spend and the refusals of one round."""
+    label = round_label(record.server_round, num_rounds)
+    for site, metrics in sorted(record.train_metrics.items()):
+        if "dp_epsilon" in metrics:
+            logger.info("privacy %s: site %s has spent epsilon %s at delta %g",
+                        label, site, format_epsilon(metrics["dp_epsilon"]),
+                        metrics["dp_delta"])
+    refused = [site for site, reason in record.failures.items()
+               if reason.startswith(BudgetExhausted.__name__)]
+    if refused:
+        logger.warning("privacy %s: %d sites refused to train on their budget: %s",
+                       label, len(refused), ", ".join(sorted(refused)))
+
+
+def privacy_summary(history: Sequence[RoundRecord], options: PrivacyOptions,
+                    strategy: Strategy | None = None) -> dict[str, Any]:
+    """Summarise epsilon and delta per site and for the federation.
+
+    Record level: each record lives at one site, so the federation's epsilon
+    is the largest site's (parallel composition). Site level: each site's
+    epsilon covers its whole data set, and the federation's is again the
+    largest. Values come from the sites' replies; infinity is written "inf".
+    """
+    if not options.enabled:
+        return {"mode": "off", "trust": TRUST["off"]}
+    per_site: dict[str, dict[str, Any]] = {}
+    for record in history:
+        for site, metrics in record.train_metrics.items():
+            if "dp_epsilon" not in metrics:
+                continue
+            entry = per_site.setdefault(site, {"rounds_trained": 0})
+            entry["rounds_trained"] += 1
+            entry["epsilon"] = metrics["dp_epsilon"]
+            entry["delta"] = metrics["dp_delta"]
+            entry["epsilon_limit"] = metrics["dp_epsilon_limit"]
+            entry["noise_multiplier"] = metrics["dp_noise_multiplier"]
+            entry["sample_rate"] = metrics["dp_sample_rate"]
+        for site, reason in record.failures.items():
+            entry = per_site.setdefault(site, {"rounds_trained": 0})
+            entry.setdefault("refusals", []).append(
+                {"round": record.server_round, "reason": reason})
+    epsilons = [e["epsilon"] for e in per_site.values() if "epsilon" in e]
+    deltas = [e["delta"] for e in per_site.values() if "delta" in e]
+    settings = strategy.settings if isinstance(strategy, PrivateStrategy) else None
+    placement = settings.noise_placement if settings and options.mode == "site" \
+        else options.mode
+    return {
+        "mode": options.mode,
+        "trust": TRUST[placement],
+        "accountant": options.accountant,
+        "target_epsilon": options.epsilon,
+        "clip_norm": options.clip_norm,
+        "noise_multiplier": settings.noise_multiplier if settings else
+        options.noise_multiplier,
+        "federation": {"epsilon": _json_float(max(epsilons)) if epsilons else None,
+                       "delta": max(deltas) if deltas else None},
+        "per_site": {site: {key: _json_float(value) if isinstance(value, float)
+                            else value for key, value in entry.items()}
+                     for site, entry in sorted(per_site.items())},
+    }
+
+
+def _json_float(value: float) -> float | str:
+    return "inf" if math.isinf(value) else round(value, 6)
+
+
+def describe_spend(summary: Mapping[str, Any]) -> str:
+    """Return one line for the results table: the federation's epsilon and delta."""
+    if summary.get("mode", "off") == "off":
+        return "no differential privacy"
+    federation = summary["federation"]
+    if federation["epsilon"] is None:
+        return f"DP {summary['mode']} level: no site trained"
+    sites = ", ".join(f"{site} {entry.get('epsilon', 'none')}"
+                      for site, entry in summary["per_site"].items())
+    return (f"DP {summary['mode']} level: federation epsilon "
+            f"{federation['epsilon']} at delta {federation['delta']:g} "
+            f"(per site: {sites})")
