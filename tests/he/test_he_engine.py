@@ -11,7 +11,7 @@ from prifed.core.engine import RoundEngine
 from prifed.core.messages import EvaluateReply, TrainInstruction, TrainReply
 from prifed.core.params import ParameterSet
 from prifed.core.strategy import FedAvg, Strategy
-from prifed.errors import NotSupportedError
+from prifed.errors import ConfigError, NotSupportedError
 from prifed.he.packing import is_encrypted
 from prifed.he.simulate import HomomorphicSettings, final_model, homomorphic_federation
 from prifed.he.strategy import HomomorphicStrategy
@@ -34,7 +34,9 @@ class NumpyClient:
             instruction: TrainInstruction) -> TrainReply:
         if instruction.server_round == self.fail_in_round:
             raise RuntimeError("disk full")
-        local = {k: (0.9 * v + 0.1 * self.target).astype(v.dtype)
+        # A proximal term pulls towards the global model: a smaller step.
+        rate = 0.1 / (1.0 + float(instruction.config.get("proximal_mu", 0.0)))
+        local = {k: ((1 - rate) * v + rate * self.target).astype(v.dtype)
                  for k, v in params.items()}
         return TrainReply(self.name, instruction.server_round, local, self.num_train)
 
@@ -90,6 +92,22 @@ def test_server_optimiser_through_engine_matches_plain(name: str) -> None:
     plain = run_plain(strategies.build_strategy(name, **options))
     for key in plain:
         np.testing.assert_allclose(model[key], plain[key], rtol=0, atol=1e-6)
+
+
+def test_fedprox_mu_reaches_the_sites() -> None:
+    strategies = pytest.importorskip("prifed.strategies")
+    model, _, _ = run_encrypted(strategies.build_strategy("fedprox", mu=1.0), {})
+    plain = run_plain(strategies.build_strategy("fedprox", mu=1.0))
+    fedavg = run_plain(FedAvg())
+    np.testing.assert_allclose(model["w"], plain["w"], rtol=0, atol=1e-6)
+    assert np.abs(plain["w"] - fedavg["w"]).max() > 1e-3
+
+
+def test_coordinator_with_secret_key_refuses_to_start() -> None:
+    _, wrapped = homomorphic_federation(FedAvg(), {}, clients(), initial(),
+                                        ["w", "b"])
+    with pytest.raises(ConfigError, match="holds the secret key"):
+        HomomorphicStrategy(FedAvg(), wrapped[0].site.key)
 
 
 def test_failed_site_is_left_out_and_stays_in_step() -> None:

@@ -95,6 +95,11 @@ class HomomorphicStrategy(Strategy):
 
     def __init__(self, plain: Strategy, key: FederationKey) -> None:
         server_step(plain.name)
+        if key.has_secret_key:
+            raise ConfigError(
+                f"the coordinator's context for key {key.key_id} holds the secret "
+                "key, so the coordinator could decrypt every update; load the "
+                "coordinator file from `prifed he keygen` instead")
         super().__init__(plain.sites_per_round, plain.local_config)
         self.plain = plain
         self.key = key
@@ -134,6 +139,11 @@ class HomomorphicStrategy(Strategy):
             raise UpdateRejected(reply.site, "encrypted update is labelled as coming "
                                  f"from site {update.site!r}")
         self._pending[reply.site] = self._sum.prepare(update)
+
+    @property
+    def round_sum(self) -> EncryptedSum | None:
+        """The encrypted sum of the current or last round, with bytes and seconds."""
+        return self._sum
 
     def begin_aggregation(self, server_round: int,
                           params: Mapping[str, np.ndarray]) -> MeanAggregator:
