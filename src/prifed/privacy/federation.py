@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,18 +19,22 @@ from typing import Any
 
 from torch import nn
 
-from prifed.core.engine import RoundRecord
+from prifed.core.engine import RoundEngine, RoundRecord
+from prifed.core.params import ParameterSet
 from prifed.core.strategy import Strategy
-from prifed.errors import ConfigError
+from prifed.errors import ConfigError, NotSupportedError
 from prifed.log import get_logger, round_label
 from prifed.privacy.client import PrivateSiteClient
 from prifed.privacy.errors import BudgetExhausted
 from prifed.privacy.ledger import format_epsilon
 from prifed.privacy.policy import SitePolicy, policy_path, write_policy
 from prifed.privacy.settings import DPSettings
+from prifed.privacy.sitelevel import secagg_value_bound
 from prifed.privacy.strategy import PrivateStrategy
 from prifed.privacy.validation import validate_for_dp
 from prifed.sitedata import PreparedSite
+from prifed.training.models import get_params, trainable_names
+from prifed.transport.inprocess import InProcessTransport
 
 logger = get_logger(__name__)
 
@@ -143,6 +148,83 @@ def private_strategy(strategy: Strategy, options: PrivacyOptions, rounds: int,
     per_round = min(strategy.sites_per_round or num_sites, num_sites)
     settings = options.settings(rounds, secure_aggregation, per_round)
     return PrivateStrategy(strategy, settings, seed=seed)
+
+
+RoundProgress = Callable[[int, dict[str, dict[str, float]], dict[str, float]], None]
+"""Called with the round, its per-site test metrics and :func:`round_privacy`."""
+
+
+@dataclass
+class PrivateRun:
+    """What a DP run produced: test metrics per round, final model, history."""
+
+    label: str
+    curve: list[dict[str, dict[str, float]]]
+    model: ParameterSet
+    history: list[RoundRecord]
+    strategy: PrivateStrategy
+    seconds: float
+    compute_seconds: float
+
+
+def run_private(strategy: Strategy, sites: Sequence[PreparedSite],
+                model_factory: Callable[[], nn.Module], rounds: int, seed: int,
+                options: PrivacyOptions, secure_aggregation: str = "off",
+                progress: RoundProgress | None = None) -> PrivateRun:
+    """Run one strategy with DP on private site clients, in process.
+
+    ``secure_aggregation`` is off, secagg or secagg+. With it on, site-level
+    noise is added by the sites in shares before masking, and the masking's
+    per-value clip is widened so that noisy deltas are not clipped.
+    """
+    if getattr(strategy, "asynchronous", False) or strategy.name == "fedbuff":
+        raise NotSupportedError(f"strategy {strategy.name!r} is asynchronous; DP "
+                                "runs support synchronous rounds only")
+    check_model(model_factory, options.mode)
+    clients = private_clients(sites, model_factory, seed, options)
+    secure = secure_aggregation != "off"
+    private = private_strategy(strategy, options, rounds, len(sites), seed, secure)
+    initial = model_factory()
+    params = get_params(initial)
+    transport: Any = InProcessTransport(clients)
+    if secure:
+        transport = _secure_transport(secure_aggregation, private, transport, params)
+
+    curve: list[dict[str, dict[str, float]]] = []
+
+    def on_round(record: RoundRecord) -> None:
+        curve.append(record.eval_metrics)
+        log_round_privacy(record, rounds)
+        if progress is not None:
+            progress(record.server_round, record.eval_metrics, round_privacy(record))
+
+    engine = RoundEngine(private, transport, rounds, seed=seed, on_round=on_round)
+    started = time.perf_counter()
+    final = engine.run(params, trainable_names(initial))
+    seconds = time.perf_counter() - started
+    compute = sum(m.get("train_seconds", 0.0) + m.get("eval_seconds", 0.0)
+                  for r in engine.history
+                  for m in [*r.train_metrics.values(), *r.eval_metrics.values()])
+    return PrivateRun(private.name, curve, final, engine.history, private, seconds,
+                      compute)
+
+
+def _secure_transport(mode: str, strategy: PrivateStrategy, inner: Any,
+                      params: ParameterSet) -> Any:
+    from prifed.secagg.config import SecAggConfig
+    from prifed.secagg.encoding import FixedPoint
+    from prifed.secagg.transport import secure_transport
+
+    settings = strategy.settings
+    config = SecAggConfig(mode=mode)
+    if settings.mode == "site":
+        assert settings.noise_multiplier is not None and settings.min_sites
+        bound = secagg_value_bound(settings.noise_multiplier, settings.clip_norm,
+                                   settings.min_sites)
+        config = SecAggConfig(mode=mode, encoding=FixedPoint(
+            clip=max(bound, config.encoding.clip)))
+    return secure_transport(mode, strategy, inner, params, strategy.sites_per_round,
+                            config=config)
 
 
 def round_privacy(record: RoundRecord) -> dict[str, float]:

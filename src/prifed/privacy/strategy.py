@@ -18,6 +18,7 @@ import numpy as np
 
 from prifed.core.messages import TrainInstruction, TrainReply
 from prifed.core.params import ParameterSet
+from prifed.core.secure_sum import PrivateSum, SumMean
 from prifed.core.strategy import MeanAggregator, Strategy
 from prifed.errors import NotSupportedError
 from prifed.log import get_logger
@@ -91,6 +92,32 @@ class PrivateStrategy(Strategy):
         assert self.settings.noise_multiplier is not None
         return NoisyMean(aggregator, params, self.settings.noise_multiplier,
                          self.settings.clip_norm, self.rng)
+
+    def aggregate_sum(self, server_round: int, params: Mapping[str, np.ndarray],
+                      private_sum: PrivateSum) -> ParameterSet | None:
+        """Turn a private sum into the next model, noised when the coordinator must.
+
+        When sites add the noise, a sum over fewer than ``min_sites`` sites
+        carries less noise than calibrated, so the round is skipped and the
+        previous model kept.
+        """
+        settings = self.settings
+        if settings.mode == "site" and settings.noise_placement == "sites":
+            assert settings.min_sites is not None
+            if len(private_sum.sites) < settings.min_sites:
+                logger.error("dp round %d: the private sum covers %d sites, fewer "
+                             "than the %d whose noise shares the guarantee needs; "
+                             "round skipped, previous model kept", server_round,
+                             len(private_sum.sites), settings.min_sites)
+                return None
+        if not self.coordinator_adds_noise:
+            return self.inner.aggregate_sum(server_round, params, private_sum)
+        if private_sum.total_weight <= 0:
+            return None
+        assert settings.noise_multiplier is not None
+        noisy = NoisyMean(SumMean(params, private_sum), params,
+                          settings.noise_multiplier, settings.clip_norm, self.rng)
+        return self.inner.finish_aggregation(server_round, params, noisy)
 
     def finish_aggregation(self, server_round: int,
                            params: Mapping[str, np.ndarray],
