@@ -1,0 +1,188 @@
+"""The federation config file (TOML): roster, training settings, rounds and limits.
+
+Relative paths in the file are relative to the file's own folder. Unknown keys
+are errors, so a misspelt setting never falls back to a default silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from prifed.errors import ConfigError
+
+MIB = 1024 * 1024
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FederationSection(_Section):
+    """Who takes part: the federation's name, its sites in order and the seed.
+
+    The order of ``sites`` sets each site's seed offset and the order in which
+    sums run, so list sites in the order ``prifed simulate`` sees them (first
+    appearance in the CSV) for a run that matches a simulation.
+    """
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    sites: list[str] = Field(min_length=1)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _check_sites(self) -> FederationSection:
+        seen: set[str] = set()
+        for site in self.sites:
+            if not site.strip() or len(site) > 100 or not site.isprintable():
+                raise ValueError(f"site names must be 1-100 printable characters; "
+                                 f"got {site!r}")
+            if site in seen:
+                raise ValueError(f"site {site!r} is listed twice")
+            seen.add(site)
+        return self
+
+
+class TrainingSection(_Section):
+    """The model, the strategy and the sites' local training settings."""
+
+    model: str = "logreg"
+    strategy: str = "fedavg"
+    strategy_options: dict[str, Any] = Field(default_factory=dict)
+    rounds: int = Field(15, ge=1)
+    sites_per_round: int | None = Field(None, ge=1)
+    local_steps: int = Field(100, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(0.01, gt=0)
+    optimizer: str = "sgd"
+    standardize: str = "federated"
+    test_fraction: float = Field(0.34, gt=0, lt=1)
+    evaluate_every: int = Field(1, ge=1)
+    numeric: list[str] | None = None
+    categorical: list[str] | None = None
+
+    def local_config(self) -> dict[str, Any]:
+        """Return the settings every site receives with its training task."""
+        return {"local_steps": self.local_steps, "batch_size": self.batch_size,
+                "lr": self.lr, "optimizer": self.optimizer}
+
+
+class RoundsSection(_Section):
+    """Deadlines, the minimum number of replies and how often a round is retried."""
+
+    deadline_seconds: float = Field(300.0, gt=0)
+    min_sites: int = Field(1, ge=1)
+    attempts: int = Field(3, ge=1)
+    evaluate_deadline_seconds: float = Field(120.0, gt=0)
+    setup_deadline_seconds: float = Field(900.0, gt=0)
+
+
+class CoordinatorSection(_Section):
+    """Where the coordinator listens and keeps its state."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8443, ge=0, le=65535)
+    state_dir: Path = Path("state")
+    pki_dir: Path = Path("pki")
+    database: str | None = None
+    long_poll_seconds: float = Field(25.0, gt=0, le=300)
+    linger_seconds: float = Field(60.0, ge=0)
+    keep_updates: bool = False
+
+
+class LimitsSection(_Section):
+    """Sizes and clock skew the coordinator accepts from sites."""
+
+    max_update_bytes: int = Field(512 * MIB, ge=1024)
+    max_chunk_bytes: int = Field(8 * MIB, ge=1024)
+    max_json_bytes: int = Field(1 * MIB, ge=1024)
+    max_exchange_bytes: int = Field(16 * MIB, ge=1024)
+    clock_skew_seconds: float = Field(300.0, gt=0)
+    concurrent_validations: int = Field(2, ge=1)
+
+
+class FederationConfig(_Section):
+    """A whole federation config file."""
+
+    federation: FederationSection
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    rounds: RoundsSection = Field(default_factory=RoundsSection)
+    coordinator: CoordinatorSection = Field(default_factory=CoordinatorSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    base_dir: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> FederationConfig:
+        num_sites = len(self.federation.sites)
+        if self.rounds.min_sites > num_sites:
+            raise ValueError(f"rounds.min_sites must be at most the number of sites "
+                             f"({num_sites}); got {self.rounds.min_sites}")
+        per_round = self.training.sites_per_round
+        if per_round is not None and per_round > num_sites:
+            raise ValueError(f"training.sites_per_round must be at most the number of "
+                             f"sites ({num_sites}); got {per_round}")
+        if per_round is not None and self.rounds.min_sites > per_round:
+            raise ValueError(f"rounds.min_sites ({self.rounds.min_sites}) must be at "
+                             f"most training.sites_per_round ({per_round}), or no "
+                             "round could ever close")
+        return self
+
+    @property
+    def state_dir(self) -> Path:
+        return self._resolve(self.coordinator.state_dir)
+
+    @property
+    def pki_dir(self) -> Path:
+        return self._resolve(self.coordinator.pki_dir)
+
+    @property
+    def database_url(self) -> str:
+        if self.coordinator.database:
+            return self.coordinator.database
+        return f"sqlite:///{self.state_dir / 'coordinator.db'}"
+
+    def _resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Return the settings a resumed run must share with the run it continues."""
+        return {"federation": self.federation.model_dump(mode="json"),
+                "training": self.training.model_dump(mode="json")}
+
+    def fingerprint_digest(self) -> str:
+        """Return the SHA-256 of :meth:`fingerprint` in canonical JSON."""
+        text = json.dumps(self.fingerprint(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_config(path: Path) -> FederationConfig:
+    """Read and validate a federation config file; raise ConfigError naming the key."""
+    if not path.is_file():
+        raise ConfigError(f"federation config not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"federation config {path} is not valid TOML: {error}") \
+            from None
+    return parse_config(raw, path.parent.resolve(), str(path))
+
+
+def parse_config(raw: dict[str, Any], base_dir: Path,
+                 source: str = "federation config") -> FederationConfig:
+    """Validate a config already parsed from TOML; every error is listed."""
+    if "base_dir" in raw:
+        raise ConfigError(f"{source}: base_dir is not a setting")
+    try:
+        return FederationConfig(**raw, base_dir=base_dir)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}")
+        raise ConfigError(f"{source} is invalid: " + "; ".join(problems)) from None

@@ -1,0 +1,170 @@
+"""A site's own rows, prepared exactly as the simulation prepares that site.
+
+The site reads its CSV, keeps its rows (by the site column, when the file
+holds several sites), splits them with the federation's seed and computes the
+statistics that leave the site: counts, sums, sums of squares and category
+sets. After the coordinator merges every site's statistics, the site builds
+its features and its :class:`~prifed.training.client.SiteClient` from the
+preprocessor the coordinator sends back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from prifed.data.heart import heart_csv_path, heart_spec
+from prifed.data.preprocess import Preprocessor, SiteStatistics, site_statistics
+from prifed.data.tabular import SiteFrames, TableSpec, binary_labels, check_site, \
+    read_table, resolve_features, split_train_test
+from prifed.deploy.errors import RequestRejected
+from prifed.errors import DataError
+from prifed.training.client import SiteClient
+from prifed.training.models import build_model
+
+SITE_COLUMN = "__site__"
+
+
+@dataclass
+class SiteRows:
+    """One site's usable rows and its feature columns, before the split."""
+
+    name: str
+    rows: pd.DataFrame
+    numeric: list[str]
+    categorical: list[str]
+
+
+@dataclass
+class TableSource:
+    """Where a site's rows come from: a CSV and how to read it.
+
+    With ``spec.site_column`` the file may hold several sites and only rows
+    whose site column equals the site's name are used; with
+    ``site_column=None`` every row belongs to the site.
+    """
+
+    path: Path | None
+    spec: TableSpec | None
+
+    def load(self, site: str) -> SiteRows:
+        """Read the CSV and keep this site's usable rows (as the simulation does)."""
+        path = heart_csv_path() if self.path is None else self.path
+        spec = heart_spec() if self.spec is None else self.spec
+        table = read_table(path)
+        if not spec.site_column:
+            table = table.assign(**{SITE_COLUMN: site})
+            spec = TableSpec(SITE_COLUMN, spec.label, spec.numeric, spec.categorical,
+                             spec.drop, spec.label_threshold, spec.drop_incomplete)
+        numeric, categorical = resolve_features(table, spec)
+        table = table.copy()
+        table["__label__"] = binary_labels(table, spec)
+        table = table[table["__label__"].notna()]
+        if spec.drop_incomplete:
+            table = table.dropna(subset=numeric + categorical)
+        rows = table[table[spec.site_column].astype(str) == site]
+        if rows.empty:
+            present = ", ".join(sorted({str(v) for v in table[spec.site_column]
+                                        .dropna()})[:10])
+            raise DataError(f"no usable rows for site {site!r} in column "
+                            f"{spec.site_column!r} of {path}; values there: {present}")
+        check_site(site, rows)
+        return SiteRows(site, rows, numeric, categorical)
+
+
+def split_rows(rows: SiteRows, seed: int, test_fraction: float) -> SiteFrames:
+    """Split a site's rows into train and test with the federation's seed."""
+    return split_train_test(rows.name, rows.rows, test_fraction, seed)
+
+
+def statistics_body(rows: SiteRows, frames: SiteFrames) -> dict[str, Any]:
+    """Return the statistics this site shares: aggregates of its training rows."""
+    stats = site_statistics(rows.name, frames.train, rows.numeric, rows.categorical)
+    body = asdict(stats)
+    body["numeric"] = rows.numeric
+    body["categorical"] = rows.categorical
+    return body
+
+
+class StatisticsBody(BaseModel):
+    """A site's statistics as the coordinator validates them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    site: str
+    num_rows: int = Field(ge=0)
+    numeric: list[str] = Field(max_length=10_000)
+    categorical: list[str] = Field(max_length=10_000)
+    count: dict[str, int]
+    total: dict[str, float]
+    total_squares: dict[str, float]
+    levels: dict[str, list[str]]
+
+
+def parse_statistics(site: str, body: bytes) -> StatisticsBody:
+    """Validate one site's statistics; raise 422 naming the field at fault."""
+    try:
+        stats = StatisticsBody.model_validate_json(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise RequestRejected(422, "invalid_statistics",
+                              f"statistics of site {site!r}: field {where!r}: "
+                              f"{first['msg']}") from None
+    if stats.site != site:
+        raise RequestRejected(422, "invalid_statistics",
+                              f"statistics name site {stats.site!r} but were sent by "
+                              f"site {site!r}")
+    for field_name in ("count", "total", "total_squares"):
+        keys = set(getattr(stats, field_name))
+        if keys != set(stats.numeric):
+            raise RequestRejected(422, "invalid_statistics",
+                                  f"statistics of site {site!r}: {field_name} must "
+                                  "have one entry per numeric column")
+    for column in stats.numeric:
+        values = (stats.count[column], stats.total[column],
+                  stats.total_squares[column])
+        if not all(math.isfinite(v) for v in values) or stats.count[column] < 0 \
+                or stats.total_squares[column] < 0:
+            raise RequestRejected(422, "invalid_statistics",
+                                  f"statistics of site {site!r}: column {column!r} "
+                                  "must have a count >= 0 and finite sums")
+    if set(stats.levels) != set(stats.categorical):
+        raise RequestRejected(422, "invalid_statistics",
+                              f"statistics of site {site!r}: levels must have one "
+                              "entry per categorical column")
+    return stats
+
+
+def to_site_statistics(stats: StatisticsBody) -> SiteStatistics:
+    """Convert validated statistics to the preprocessing module's dataclass."""
+    return SiteStatistics(stats.site, stats.num_rows, dict(stats.count),
+                          dict(stats.total), dict(stats.total_squares),
+                          {k: list(v) for k, v in stats.levels.items()})
+
+
+def build_client(rows: SiteRows, setup: dict[str, Any]) -> SiteClient:
+    """Build the site's trainer from the coordinator's setup block.
+
+    ``setup`` carries the federation seed and test fraction (for the split),
+    the model name and seed, the site's client seed and its preprocessor.
+    """
+    frames = split_rows(rows, int(setup["seed"]), float(setup["test_fraction"]))
+    preprocessor = Preprocessor(**setup["preprocessor"])
+    num_features = len(preprocessor.feature_names)
+    model_name, model_seed = str(setup["model"]), int(setup["model_seed"])
+
+    def factory() -> Any:
+        return build_model(model_name, num_features, model_seed)
+
+    return SiteClient(rows.name, factory, preprocessor.transform(frames.train),
+                      frames.train["__label__"].to_numpy(np.float32),
+                      preprocessor.transform(frames.test),
+                      frames.test["__label__"].to_numpy(np.float32),
+                      int(setup["client_seed"]))
