@@ -15,6 +15,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from prifed.data.tabular import TableSpec
+from prifed.deploy.cli import register as register_deploy
 from prifed.errors import PriFedError
 
 app = typer.Typer(help="PriFed: privacy-preserving federated learning for health AI.",
@@ -161,6 +162,9 @@ def run(argv: list[str] | None = None) -> int:
     finally:
         close_logging()
     return 0
+
+
+register_deploy(app)
 
 
 def main() -> None:
