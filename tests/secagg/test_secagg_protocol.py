@@ -393,3 +393,16 @@ def test_client_rejects_out_of_order_request() -> None:
     with pytest.raises(ProtocolError, match="expected phase 'advertise_keys' of "
                        "round 1; got phase 'unmask'"):
         client.handle({"phase": UNMASK, "round": 1})
+
+
+def test_client_repeats_reply_on_retry() -> None:
+    reference, updates, samples = make_round(4, 10, seed=21)
+    server = SecAggServer(1, site_names(4), reference, FULL)
+    clients = clients_for(updates, samples, reference)
+    requests = drive(server, clients, until=UNMASK)
+    first = clients["site-000"].handle(requests["site-000"])
+    again = clients["site-000"].handle(dict(requests["site-000"]))
+    assert again == first
+    # A different request after the last phase is still rejected.
+    with pytest.raises(ProtocolError, match="round 1 is finished"):
+        clients["site-000"].handle(dict(requests["site-000"], survivors=["site-000"]))

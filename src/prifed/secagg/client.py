@@ -100,6 +100,7 @@ class SecAggClient:
         self._held: dict[str, tuple[bytes, bytes]] = {}
         self._own_shares: tuple[bytes, bytes] = (b"", b"")
         self._partners: set[str] = set()
+        self._last: tuple[Message, Message] | None = None
 
     def handle(self, request: Message) -> Message:
         """Reply to the coordinator's request for the next phase.
@@ -109,6 +110,10 @@ class SecAggClient:
         """
         started = time.perf_counter()
         phase = request.get("phase")
+        # A repeated request (a retry over the network) gets the same reply,
+        # so no secret is drawn or revealed twice.
+        if self._last is not None and request == self._last[0]:
+            return dict(self._last[1])
         if self._next >= len(PHASES):
             raise ProtocolError(f"site {self.site!r}: round {self.server_round} is "
                                 f"finished; request for phase {phase!r} rejected")
@@ -129,7 +134,9 @@ class SecAggClient:
                                 f"{error}") from None
         self._next = PHASES.index(expected) + 1
         self.seconds += time.perf_counter() - started
-        return {"phase": expected, "round": self.server_round, **body}
+        reply = {"phase": expected, "round": self.server_round, **body}
+        self._last = (dict(request), reply)
+        return dict(reply)
 
     def _advertise(self, request: Message) -> dict[str, Any]:
         if request.get("protocol") != PROTOCOL:
