@@ -17,6 +17,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from prifed.data.tabular import TableSpec
 from prifed.deploy.cli import register as register_deploy
 from prifed.errors import PriFedError
+from prifed.he.cli import he_app
 
 app = typer.Typer(help="PriFed: privacy-preserving federated learning for health AI.",
                   no_args_is_help=True, add_completion=False)
@@ -165,6 +166,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 register_deploy(app)
+app.add_typer(he_app, name="he")
 
 
 def main() -> None:
