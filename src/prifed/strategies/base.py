@@ -146,7 +146,8 @@ def _read_metadata(data: bytes) -> dict[str, str]:
 def _split_arrays(value: Any, path: list[str], tensors: dict[str, np.ndarray],
                   paths: list[list[str]]) -> Any:
     if isinstance(value, np.ndarray):
-        tensors[f"t{len(paths)}"] = np.ascontiguousarray(value)
+        # np.ascontiguousarray would turn a 0-d counter into shape (1,).
+        tensors[f"t{len(paths)}"] = np.array(value, order="C", copy=True)
         paths.append(list(path))
         return None
     if isinstance(value, Mapping):
