@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from prifed.data.heart import heart_csv_path, heart_spec
+from prifed.data.partition import PartitionSpec, repartition
 from prifed.data.preprocess import Preprocessor, build_preprocessors, site_statistics
 from prifed.data.tabular import TableSpec, read_table, resolve_features, \
     split_sites, split_train_test
+from prifed.errors import ConfigError
 from prifed.log import get_logger
 
 logger = get_logger(__name__)
@@ -30,12 +32,23 @@ class PreparedSite:
 
 def prepare_sites(data: Path | None, spec: TableSpec | None, seed: int,
                   test_fraction: float = 0.34, standardize: str = "federated",
-                  sites: list[str] | None = None) -> list[PreparedSite]:
-    """Read a table (the shipped heart data by default) and prepare each site."""
+                  sites: list[str] | None = None,
+                  partition: PartitionSpec | None = None) -> list[PreparedSite]:
+    """Read a table (the shipped heart data by default) and prepare each site.
+
+    With a synthetic ``partition`` the table's rows are pooled and dealt to
+    made-up sites first (see :mod:`prifed.data.partition`).
+    """
     path = heart_csv_path() if data is None else data
     spec = heart_spec() if spec is None else spec
     table = read_table(path)
     numeric, categorical = resolve_features(table, spec)
+    if partition is not None and partition.synthetic:
+        if sites is not None:
+            raise ConfigError("choosing sites does not apply to a synthetic "
+                              "partition, whose sites are made up")
+        table, spec = repartition(table, spec, numeric + categorical, partition)
+        sites = partition.site_names()
     by_site = split_sites(table, spec, numeric + categorical, sites)
     frames = {name: split_train_test(name, rows, test_fraction, seed)
               for name, rows in by_site.items()}
