@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.measure import Measurement
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
@@ -60,6 +62,28 @@ def close_logging() -> None:
             handler.close()
 
 
+def _site_values(text: Optional[str], option: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for item in _split(text) or []:
+        site, sep, number = item.rpartition("=")
+        if not sep or not site.strip():
+            raise PriFedError(f"{option} takes SITE=NUMBER items; got {item!r}")
+        try:
+            values[site.strip()] = float(number)
+        except ValueError:
+            raise PriFedError(f"{option}: {number!r} for site {site.strip()!r} is "
+                              "not a number") from None
+    return values
+
+
+def _site_profiles(speed: Optional[str], availability: Optional[str],
+                   profile: Any) -> dict[str, Any]:
+    speeds = _site_values(speed, "--site-speed")
+    shares = _site_values(availability, "--site-availability")
+    return {site: profile(speeds.get(site, 1.0), shares.get(site, 1.0))
+            for site in [*speeds, *[s for s in shares if s not in speeds]]}
+
+
 @app.command()
 def simulate(
     data: Annotated[Optional[Path], typer.Option(
@@ -82,7 +106,10 @@ def simulate(
     sites: Annotated[Optional[str], typer.Option(
         help="comma-separated sites to include (default: all)")] = None,
     model: Annotated[str, typer.Option(help="logreg or mlp")] = "logreg",
-    strategy: Annotated[str, typer.Option(help="federated strategy")] = "fedavg",
+    strategy: Annotated[str, typer.Option(
+        help="federated strategy, or a comma-separated list to compare on the "
+             "same splits and seeds; options follow the name, e.g. "
+             "fedavg,fedyogi:server_lr=0.03,fedprox:mu=0.1")] = "fedavg",
     rounds: Annotated[int, typer.Option(help="federated rounds")] = 15,
     local_steps: Annotated[int, typer.Option(
         help="mini-batch steps per site per round")] = 100,
@@ -98,6 +125,34 @@ def simulate(
         help="also train the site-local and pooled baselines")] = True,
     seed: Annotated[int, typer.Option(help="seed of splits, weights and "
                                            "shuffling")] = 42,
+    split_seed: Annotated[Optional[int], typer.Option(
+        help="seed of the train/test splits only (default: --seed)")] = None,
+    personal_layers: Annotated[Optional[str], typer.Option(
+        help="comma-separated tensor names or module prefixes each site keeps "
+             "local, e.g. linear.bias; adds a personalised row per strategy")
+    ] = None,
+    finetune_steps: Annotated[int, typer.Option(
+        help="local fine-tuning steps before a site scores its personalised "
+             "model (0: none)")] = 0,
+    finetune_lr: Annotated[Optional[float], typer.Option(
+        help="fine-tuning learning rate (default: --lr)")] = None,
+    site_speed: Annotated[Optional[str], typer.Option(
+        help="comma-separated SITE=SPEED, relative training speed in simulated "
+             "time (0.1: ten times slower)")] = None,
+    site_availability: Annotated[Optional[str], typer.Option(
+        help="comma-separated SITE=FRACTION of time windows a site is online")
+    ] = None,
+    step_seconds: Annotated[float, typer.Option(
+        help="simulated seconds of one local step at speed 1")] = 0.01,
+    partition: Annotated[str, typer.Option(
+        help="natural (the site column), or a SYNTHETIC split of the pooled "
+             "rows: iid, dirichlet (label skew) or quantity (size skew)")
+    ] = "natural",
+    partition_sites: Annotated[int, typer.Option(
+        help="number of synthetic sites")] = 4,
+    partition_alpha: Annotated[float, typer.Option(
+        help="Dirichlet concentration of a synthetic split (small: more skew)")
+    ] = 0.5,
     out: Annotated[Optional[Path], typer.Option(
         help="run folder (default: runs/<time>-<strategy>)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
@@ -105,7 +160,9 @@ def simulate(
                        ] = False,
 ) -> None:
     """Simulate a federation in one process and compare it with baselines."""
+    from prifed.data.partition import PartitionSpec
     from prifed.report import results_table, write_run_folder
+    from prifed.simclock import SiteProfile
     from prifed.simulation import SimulationConfig, run_simulation
 
     spec = None
@@ -116,14 +173,22 @@ def simulate(
                          _split(drop) or [], label_threshold, drop_incomplete)
     elif site_column or label:
         raise PriFedError("--site-column and --label apply only with --data")
-    folder = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{strategy}"
+    tag = re.sub(r"[^A-Za-z0-9_.=-]+", "+", strategy)
+    folder = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}"
     configure_logging(verbose, folder / "run.log")
     config = SimulationConfig(
         data=data, spec=spec, sites=_split(sites), model=model, strategy=strategy,
         rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
         sites_per_round=sites_per_round, standardize=standardize,
-        baselines=baselines, seed=seed)
-    methods = 3 if baselines else 1
+        baselines=baselines, seed=seed, split_seed=split_seed,
+        personal_layers=_split(personal_layers) or [],
+        finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+        site_profiles=_site_profiles(site_speed, site_availability, SiteProfile),
+        step_seconds=step_seconds,
+        partition=PartitionSpec(partition, partition_sites, partition_alpha,
+                                seed=split_seed if split_seed is not None else seed))
+    config.validate()
+    methods = len(config.strategy_specs()) + (2 if baselines else 0)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[metric]}"), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as bar:
@@ -136,7 +201,10 @@ def simulate(
 
         result = run_simulation(config, progress)
     paths = write_run_folder(result, folder)
-    Console(width=max(Console().width, 110)).print(results_table(result))
+    table = results_table(result)
+    wide = Console(width=1000)
+    needed = Measurement.get(wide, wide.options, table).maximum
+    Console(width=max(Console().width, 110, needed)).print(table)
     console.print(f"run folder: {folder} ({', '.join(p.name for p in paths.values())})")
 
 

@@ -34,6 +34,8 @@ def summary(result: SimulationResult) -> dict[str, Any]:
         methods[method.method] = {
             "note": method.note,
             "seconds": round(method.seconds, 3),
+            "simulated_seconds": (round(method.times[-1], 3) if method.times
+                                  else None),
             "per_site": {site: {k: _clean(m[k]) for k in METRICS}
                          for site, m in final.items()},
             "mean": {k: _clean(v) for k, v in mean_metrics(final).items()},
@@ -48,6 +50,7 @@ def summary(result: SimulationResult) -> dict[str, Any]:
                            "test_positive": int(s.test_y.sum())}
                   for s in result.sites},
         "features": result.sites[0].preprocessor.feature_names,
+        "partition": result.config.partition.describe(),
         "methods": methods,
         "rounds": [{"round": r.server_round, "accepted": r.accepted,
                     "failures": r.failures, "rejected": r.rejected,
@@ -117,15 +120,27 @@ def _plot(result: SimulationResult, path: Path) -> None:
 
 def results_table(result: SimulationResult) -> Table:
     """Build the table of accuracy and AUC per site and their mean, per method."""
-    table = Table(title="Test accuracy / ROC AUC per site")
-    table.add_column("method")
+    title = "Test accuracy / ROC AUC per site"
+    if result.config.partition.synthetic:
+        title += f"\n{result.config.partition.describe()}"
+    table = Table(title=title)
+    longest = max(len(m.method) for m in result.methods) + len(" (upper ref.)")
+    table.add_column("method", min_width=min(longest, 40))
     site_names = [s.name for s in result.sites]
     for name in site_names + ["mean"]:
         table.add_column(name, justify="right")
+    # Simulated time matters once sites differ in speed or availability, or a
+    # strategy is asynchronous; otherwise the table stays as it was.
+    show_time = bool(result.config.site_profiles) or any(
+        m.note.startswith("asynchronous") for m in result.methods)
+    if show_time:
+        table.add_column("simulated s", justify="right")
     for method in result.methods:
         final = method.final
         cells = [_pair(final[s]) for s in site_names]
         cells.append(_pair(mean_metrics(final)))
+        if show_time:
+            cells.append(f"{method.times[-1]:.1f}" if method.times else "")
         label = method.method + (" (upper ref.)" if method.method == "pooled" else "")
         table.add_row(label, *cells)
     return table

@@ -9,17 +9,20 @@ from pathlib import Path
 from typing import Any
 
 from prifed.baselines import Curve, train_local, train_pooled
-from prifed.core.engine import RoundEngine, RoundRecord
+from prifed.core.engine import RoundRecord
 from prifed.core.params import ParameterSet
+from prifed.data.partition import PartitionSpec
 from prifed.data.tabular import TableSpec
 from prifed.errors import ConfigError
+from prifed.federated import RunSettings, personal_curve, run_federated
 from prifed.log import get_logger
+from prifed.simclock import SiteProfile
 from prifed.sitedata import PreparedSite, prepare_sites
-from prifed.strategies import build_strategy
-from prifed.training.client import SiteClient
+from prifed.strategies import (STRATEGIES, StrategySpec, parse_strategy_specs,
+                               strategy_options)
 from prifed.training.metrics import nanmean
-from prifed.training.models import build_model, get_params, trainable_names
-from prifed.transport.inprocess import InProcessTransport
+from prifed.training.models import build_model
+from prifed.training.personal import Personalization
 
 logger = get_logger(__name__)
 
@@ -55,6 +58,13 @@ class SimulationConfig:
     test_fraction: float = 0.34
     seed: int = 42
     strategy_options: dict[str, Any] = field(default_factory=dict)
+    split_seed: int | None = None
+    personal_layers: list[str] = field(default_factory=list)
+    finetune_steps: int = 0
+    finetune_lr: float | None = None
+    site_profiles: dict[str, SiteProfile] = field(default_factory=dict)
+    step_seconds: float = 0.01
+    partition: PartitionSpec = field(default_factory=PartitionSpec)
 
     def validate(self) -> None:
         """Check ranges before any work starts."""
@@ -68,6 +78,27 @@ class SimulationConfig:
         if not 0 < self.test_fraction < 1:
             raise ConfigError("test_fraction must be between 0 and 1; "
                               f"got {self.test_fraction}")
+        specs = self.strategy_specs()
+        labels = [spec.label for spec in specs]
+        repeated = [label for label in labels if labels.count(label) > 1]
+        if repeated:
+            raise ConfigError(f"strategy {repeated[0]!r} is listed twice")
+        accepted = set().union(*(strategy_options(STRATEGIES[spec.name])
+                                 for spec in specs))
+        unknown = sorted(set(self.strategy_options) - accepted)
+        if unknown:
+            raise ConfigError(f"strategy option {unknown[0]!r} applies to none of "
+                              f"the strategies {', '.join(labels)}")
+        self.personalization()
+
+    def strategy_specs(self) -> list[StrategySpec]:
+        """Return the strategies to compare, parsed from ``strategy``."""
+        return parse_strategy_specs(self.strategy)
+
+    def personalization(self) -> Personalization:
+        """Return the sites' personalisation settings."""
+        return Personalization(tuple(self.personal_layers), self.finetune_steps,
+                               self.finetune_lr)
 
     def local_config(self) -> dict[str, Any]:
         return {"local_steps": self.local_steps, "batch_size": self.batch_size,
@@ -87,6 +118,8 @@ class MethodResult:
     curve: Curve
     seconds: float
     note: str = ""
+    times: list[float] | None = None
+    """Simulated seconds at each curve point; None for the baselines."""
 
     @property
     def final(self) -> dict[str, dict[str, float]]:
@@ -103,44 +136,60 @@ class SimulationResult:
     model: ParameterSet
     history: list[RoundRecord]
     compute_seconds: float
+    models: dict[str, ParameterSet] = field(default_factory=dict)
+    """Final global model of every strategy, by label; ``model`` is the first's."""
 
 
 def run_simulation(config: SimulationConfig,
                    progress: ProgressCallback | None = None) -> SimulationResult:
-    """Prepare sites, run the federated strategy, then the baselines."""
+    """Prepare sites, run each federated strategy on them, then the baselines."""
     config.validate()
-    strategy = build_strategy(config.strategy, sites_per_round=config.sites_per_round,
-                              local_config=config.local_config(),
-                              **config.strategy_options)
-    sites = prepare_sites(config.data, config.spec, config.seed, config.test_fraction,
-                          config.standardize, config.sites)
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    sites = prepare_sites(config.data, config.spec, split_seed, config.test_fraction,
+                          config.standardize, config.sites, config.partition)
     num_features = sites[0].train_x.shape[1]
 
     def factory() -> Any:
         return build_model(config.model, num_features, config.seed)
 
-    clients = [SiteClient(s.name, factory, s.train_x, s.train_y, s.test_x, s.test_y,
-                          config.seed + i) for i, s in enumerate(sites)]
-    curve: Curve = []
+    settings = RunSettings(config.rounds, config.local_config(), config.seed,
+                           config.sites_per_round, dict(config.strategy_options),
+                           config.personalization(), dict(config.site_profiles),
+                           config.step_seconds)
+    methods: list[MethodResult] = []
+    models: dict[str, ParameterSet] = {}
+    histories: list[list[RoundRecord]] = []
+    compute_seconds: list[float] = []
+    for spec in config.strategy_specs():
+        def on_round(server_round: int, metrics: Any, label: str = spec.label
+                     ) -> None:
+            if progress is not None:
+                progress(label, server_round, mean_metrics(metrics))
 
-    def on_round(record: RoundRecord) -> None:
-        curve.append(record.eval_metrics)
-        if progress is not None:
-            progress(strategy.name, record.server_round, mean_metrics(record.eval_metrics))
-
-    engine = RoundEngine(strategy, InProcessTransport(clients), config.rounds,
-                         seed=config.seed, on_round=on_round)
-    initial = factory()
-    started = time.perf_counter()
-    final = engine.run(get_params(initial), trainable_names(initial))
-    methods = [MethodResult(strategy.name, curve, time.perf_counter() - started)]
-    compute = sum(m.get("train_seconds", 0.0) for r in engine.history
-                  for m in r.train_metrics.values())
-    compute += sum(m.get("eval_seconds", 0.0) for r in engine.history
-                   for m in r.eval_metrics.values())
+        run = run_federated(spec, sites, factory, settings, on_round)
+        note = ("asynchronous: one point per server update" if run.asynchronous
+                else "")
+        methods.append(MethodResult(run.label, run.curve, run.seconds, note,
+                                    run.times))
+        twin = personal_curve(run.curve)
+        if twin is not None:
+            methods.append(MethodResult(
+                f"{run.label} personalised", twin, 0.0,
+                "each site's own model: the global one with its local layers, "
+                "fine-tuned on its training rows", run.times))
+        models[run.label] = run.model
+        if not run.asynchronous:
+            histories.append(run.history)  # type: ignore[arg-type]
+        if not compute_seconds:
+            # Timing in the summary compares the first strategy's wall time
+            # with its own local compute.
+            compute_seconds.append(run.compute_seconds)
     if config.baselines:
         methods += run_baselines(config, sites, progress)
-    return SimulationResult(config, sites, methods, final, engine.history, compute)
+    first = next(iter(models.values()))
+    return SimulationResult(config, sites, methods, first,
+                            histories[0] if histories else [], compute_seconds[0],
+                            models)
 
 
 def run_baselines(config: SimulationConfig, sites: list[PreparedSite],
