@@ -336,8 +336,9 @@ def _format_table(rows: list[dict[str, Any]]) -> list[str]:
         return str(value)
 
     widths = {k: max(len(k), *(len(cell(row.get(k))) for row in rows)) for k in keys}
-    header = "  ".join(k.ljust(widths[k]) for k in keys)
-    body = ["  ".join(cell(row.get(k)).ljust(widths[k]) for k in keys) for row in rows]
+    header = "  ".join(k.ljust(widths[k]) for k in keys).rstrip()
+    body = ["  ".join(cell(row.get(k)).ljust(widths[k]) for k in keys).rstrip()
+            for row in rows]
     return [header, *body]
 
 

@@ -6,7 +6,7 @@ resource to a few facts (a feature slot, a day and a number) and appends them
 here. The second pass reads them back ordered by patient, one patient at a
 time. SQLite sorts on disk with a bounded page cache, so memory stays flat as
 the export grows. The database lives in a private temporary folder and is
-deleted when the store closes; it holds extracted clinical values, so the
+deleted when the store closes. It contains extracted clinical values, so the
 folder should be on the site's own storage.
 """
 
@@ -37,8 +37,9 @@ CREATE TABLE facts (
 """
 
 # SQLite page cache in KiB (a negative cache_size counts KiB); sorting spills
-# to temporary files beyond it.
-CACHE_KIB = 16 * 1024
+# to temporary files beyond it. The cache is most of the memory that grows
+# with the export, so it is kept small.
+CACHE_KIB = 4 * 1024
 _BATCH = 10_000
 
 
