@@ -40,6 +40,7 @@ def test_report_round_trip() -> None:
     (lambda d: d["patients"].update(read=-1), "patients.read"),
     (lambda d: d.update(site="north site"), "site"),
     (lambda d: d.update(spec_hash="abc"), "spec_hash"),
+    (lambda d: d["resources_read"].update({"Jane Doe": 1}), "resources_read"),
     (lambda d: d["rejections"].append({"resource_type": "Observation",
                                        "reason": "no_unit", "element": "value 7.2",
                                        "count": 1}), "rejections.0.element"),

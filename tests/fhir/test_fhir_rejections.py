@@ -115,6 +115,22 @@ def test_record_level_problems(tmp_path: Path) -> None:
     assert report.patients.rejected == 2
 
 
+def test_rejected_record_counted_once(tmp_path: Path) -> None:
+    # Its patient is absent too, but the record is already rejected whole.
+    _, report, _ = run(tmp_path, [
+        observation("err", "ghost", "2345-7", 90.0, "mg/dL", day(-1),
+                    status="entered-in-error"),
+        observation("undated", "ghost", "2345-7", 90.0, "mg/dL", None),
+        observation("value", "ghost", "2345-7", None, None, day(-1)),
+    ])
+    assert rejections_of(report) == {
+        ("Observation", "excluded_status", "status"): 1,
+        ("Observation", "no_date", "effective[x]"): 1,
+        ("Observation", "no_value", "value[x]"): 1,
+        ("Observation", "patient_not_found", "subject"): 1,
+    }
+
+
 def test_invalid_json_line_skipped(tmp_path: Path) -> None:
     folder = tmp_path / "export"
     folder.mkdir()

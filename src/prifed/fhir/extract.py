@@ -174,6 +174,12 @@ class Extractor:
                   source: str, feature: str | None = None) -> None:
         self._reject(Rejection(resource_type, key, reason, element, feature, source))
 
+    def _rejected_whole(self, resource_type: str, key: str, reason: str,
+                        element: str, source: str) -> None:
+        """Reject a claimed resource, so its patient is not checked as well."""
+        self.store.forget_reference(key)
+        self._rejected(resource_type, key, reason, element, source)
+
     # Items
 
     def add(self, item: RawItem) -> None:
@@ -285,7 +291,8 @@ class Extractor:
         if ref is None:
             return
         if obs.status not in OBSERVATION_STATUSES:
-            self._rejected("Observation", key, "excluded_status", "status", where)
+            self._rejected_whole("Observation", key, "excluded_status", "status",
+                                 where)
             return
 
         # A match is (slot, target, element holding value[x], its path prefix).
@@ -312,7 +319,7 @@ class Extractor:
                     if obs.effectivePeriod else None))
         days = day_range(when) if when is not None else None
         if days is None:
-            self._rejected("Observation", key, "no_date", "effective[x]", where)
+            self._rejected_whole("Observation", key, "no_date", "effective[x]", where)
             return
 
         done: set[int] = set()
@@ -413,8 +420,8 @@ class Extractor:
             return
         status = {code for _, code in _codings(condition.verificationStatus)}
         if status & CONDITION_EXCLUDED:
-            self._rejected("Condition", key, "excluded_status", "verificationStatus",
-                           where)
+            self._rejected_whole("Condition", key, "excluded_status",
+                                 "verificationStatus", where)
             return
 
         codings = _codings(condition.code)
@@ -431,7 +438,7 @@ class Extractor:
                 or condition.recordedDate)
         days = day_range(when) if when is not None else None
         if days is None:
-            self._rejected("Condition", key, "no_date", "onset[x]", where)
+            self._rejected_whole("Condition", key, "no_date", "onset[x]", where)
             return
 
         for slot in slots:
@@ -458,14 +465,14 @@ class Extractor:
         if not self._encounters and not self._follow_up:
             return
         if encounter.status in ENCOUNTER_EXCLUDED:
-            self._rejected("Encounter", key, "excluded_status", "status", where)
+            self._rejected_whole("Encounter", key, "excluded_status", "status", where)
             return
 
         period = encounter.period
         when = (period.start or period.end) if period is not None else None
         days = day_range(when) if when is not None else None
         if days is None:
-            self._rejected("Encounter", key, "no_date", "period.start", where)
+            self._rejected_whole("Encounter", key, "no_date", "period.start", where)
             return
         second = second_of_day(when)
 

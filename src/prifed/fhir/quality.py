@@ -20,9 +20,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    StringConstraints,
+    ValidationError,
+)
 
 from prifed.errors import ConfigError, DataError
 
@@ -34,6 +41,7 @@ REPORT_FORMAT = "prifed.fhir.quality/1"
 LABEL_PATTERN = r"^(\([a-z]+\)|[A-Za-z][A-Za-z0-9_.\[\]-]{0,99})$"
 _LABEL_RE = re.compile(LABEL_PATTERN)
 SITE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+Label = Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]
 
 # Reasons for rejecting a record, as they appear in reports and logs.
 REASONS: dict[str, str] = {
@@ -113,7 +121,7 @@ class PatientCounts(_Counts):
 
     read: NonNegativeInt = 0
     rejected: NonNegativeInt = 0
-    excluded: dict[str, NonNegativeInt] = Field(default_factory=dict)
+    excluded: dict[Label, NonNegativeInt] = Field(default_factory=dict)
     eligible: NonNegativeInt = 0
     in_table: NonNegativeInt = 0
 
@@ -135,12 +143,12 @@ class QualityReport(_Counts):
     spec_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
     files_read: NonNegativeInt = 0
     files_ignored: NonNegativeInt = 0
-    resources_read: dict[str, NonNegativeInt] = Field(default_factory=dict)
-    resources_skipped: dict[str, NonNegativeInt] = Field(default_factory=dict)
+    resources_read: dict[Label, NonNegativeInt] = Field(default_factory=dict)
+    resources_skipped: dict[Label, NonNegativeInt] = Field(default_factory=dict)
     rejections: list[RejectionCount] = Field(default_factory=list)
-    codes_not_recognised: dict[str, NonNegativeInt] = Field(default_factory=dict)
+    codes_not_recognised: dict[Label, NonNegativeInt] = Field(default_factory=dict)
     patients: PatientCounts = Field(default_factory=PatientCounts)
-    features: dict[str, FeatureCounts] = Field(default_factory=dict)
+    features: dict[Label, FeatureCounts] = Field(default_factory=dict)
     label: LabelCounts = Field(default_factory=LabelCounts)
 
     @property

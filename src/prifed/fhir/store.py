@@ -88,6 +88,11 @@ class FactStore:
         )
         return cursor.rowcount == 1
 
+    def forget_reference(self, key: str) -> None:
+        """Stop checking the patient of a resource that was rejected whole."""
+        self._db.execute("UPDATE resources SET patient_ref = NULL WHERE key = ?",
+                         (key,))
+
     def has_alias(self, alias: str) -> bool:
         """Tell whether a patient alias is already taken."""
         row = self._db.execute("SELECT 1 FROM alias WHERE alias = ?", (alias,))
