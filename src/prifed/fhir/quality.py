@@ -357,12 +357,14 @@ def merge_reports(reports: Iterable[QualityReport | Mapping[str, Any]],
     """Gather site reports into one table; raise ConfigError on a spec mismatch.
 
     ``expected_hash`` is the coordinator's specification hash. Without it, the
-    reports must agree with each other. A warning names a site in any of these
-    cases: a feature is present for a fraction of patients more than
-    ``missing_gap`` below the median of the other sites; a condition or count
-    feature is 0 for every patient but not elsewhere; more than
-    ``max_rejected_fraction`` of the resources read were rejected; a unit
-    could not be used; the table has no rows or only one label class.
+    reports must agree with each other. A warning names a site where:
+
+    * a feature is present for a fraction of patients more than
+      ``missing_gap`` below the median of the other sites;
+    * a condition or count feature is 0 for every patient but not elsewhere;
+    * more than ``max_rejected_fraction`` of the resources read were rejected;
+    * a value was rejected for its unit;
+    * the table has no rows or only one label class.
     """
     parsed = [item if isinstance(item, QualityReport) else parse_report(item)
               for item in reports]
