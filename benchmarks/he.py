@@ -4,12 +4,12 @@ Run: .venv/bin/python benchmarks/he.py [--quick] [--json FILE]
 
 Two workloads, each run in one process on the CPU:
 
-- the four-centre heart job as ``prifed simulate`` runs it (logistic
-  regression, 14 parameters, FedAvg, the simulation's default rounds and
-  local steps; FedAdam too when the plain strategies are installed), run
-  through the round engine once with plain aggregation and once with CKKS.
-  The end-to-end time includes creating the key and each site loading its
-  context. Medians over the repeats;
+- the four-centre heart job as ``prifed simulate`` runs it: logistic
+  regression with 14 parameters, the simulation's default rounds and local
+  steps, with FedAvg and (when the plain strategies are installed) FedAdam.
+  It runs through the round engine once with plain aggregation and once with
+  CKKS, and the end-to-end time includes creating the key and each site
+  loading its context. Medians over the repeats;
 - one round of a 1,000,000-value float32 update from each of 4 sites.
 
 Reported, each beside the plain figure and as a ratio to it:
@@ -23,7 +23,13 @@ Reported, each beside the plain figure and as a ratio to it:
 - bytes/site: what a site uploads per round (plain: its safetensors update);
 - end-to-end s: wall time of the whole run (heart) or of the round (1M:
   every site encrypts, the coordinator adds, every site decrypts, one after
-  another).
+  another). For the heart job the CKKS work of a run (key, contexts,
+  encryption, decryption, additions) is also summed, because on a busy
+  machine the training time varies more than that work.
+
+Local training uses one torch thread by default: with two threads on a
+loaded 2-core machine a step of the 14-parameter model took up to 100 times
+longer, which would hide the figures being measured.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from prifed.core.aggregate import WeightedMean
 from prifed.core.engine import RoundEngine, RoundRecord
@@ -73,6 +80,8 @@ class Figures:
     plain_bytes_per_site: float
     end_to_end_s: float
     plain_end_to_end_s: float
+    he_work_s: float = float("nan")
+    he_setup_s: float = float("nan")
     accuracy: float = float("nan")
     plain_accuracy: float = float("nan")
     max_error: float = float("nan")
@@ -94,9 +103,12 @@ def heart_run(strategy_name: str, homomorphic: bool, seed: int) -> dict[str, Any
     strategy: Any = build_strategy(strategy_name, local_config=config.local_config())
     initial = factory()
     params, trainable = get_params(initial), trainable_names(initial)
+    setup = 0.0
     if homomorphic:
+        setup_started = time.perf_counter()
         strategy, clients = homomorphic_federation(
             strategy, {}, clients, params, trainable, HomomorphicSettings())
+        setup = time.perf_counter() - setup_started
     decrypt: list[float] = []
     coordinator: list[float] = []
 
@@ -117,7 +129,10 @@ def heart_run(strategy_name: str, homomorphic: bool, seed: int) -> dict[str, Any
     accuracy = statistics.mean(m["accuracy"] for m in last.values())
     metrics = [m for r in engine.history for m in r.train_metrics.values()]
     if homomorphic:
-        return {"seconds": seconds, "accuracy": accuracy,
+        work = setup + sum(m["he_encrypt_seconds"] for m in metrics) \
+            + sum(decrypt) + sum(coordinator)
+        return {"seconds": seconds, "accuracy": accuracy, "work": work,
+                "setup": setup,
                 "encrypt": statistics.mean(m["he_encrypt_seconds"] for m in metrics),
                 "bytes": statistics.mean(m["he_bytes"] for m in metrics),
                 "decrypt": statistics.mean(decrypt),
@@ -166,6 +181,7 @@ def heart(strategy_name: str, repeats: int, seed: int) -> Figures:
         1e3 * median(sealed, "coordinator"), 1e3 * median(plain, "coordinator"),
         median(sealed, "bytes"), median(plain, "bytes"),
         median(sealed, "seconds"), median(plain, "seconds"),
+        median(sealed, "work"), median(sealed, "setup"),
         median(sealed, "accuracy"), median(plain, "accuracy"), error,
         sealed[0]["params"])
 
@@ -240,6 +256,10 @@ def print_table(rows: list[Figures]) -> None:
         float32 = 4 * row.values
         print(f"  bytes/site as a multiple of the float32 update: "
               f"{row.bytes_per_site / float32:.1f}x")
+        if not np.isnan(row.he_work_s):
+            added = (row.plain_end_to_end_s + row.he_work_s) / row.plain_end_to_end_s
+            print(f"  CKKS work per run: {row.he_work_s:.3f} s (key and contexts "
+                  f"{row.he_setup_s:.3f} s); plain run plus that work: {added:.2f}x")
         if not np.isnan(row.accuracy):
             print(f"  mean test accuracy: CKKS {row.accuracy:.4f}, plain "
                   f"{row.plain_accuracy:.4f}")
@@ -256,8 +276,12 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=4,
                         help="sites in the large-update round")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads for local training (0: torch's default)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     repeats = 1 if args.quick else args.repeats
     values = 100_000 if args.quick else 1_000_000
 

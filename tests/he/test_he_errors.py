@@ -42,7 +42,7 @@ def test_ciphertext_under_another_key_is_rejected(site_key: FederationKey,
     assert combiner.sites == []
 
 
-def test_other_context_with_forged_key_id_fails_at_decryption(
+def test_forged_key_id_fails_decryption(
         site_key: FederationKey, coord_key: FederationKey, layout: Layout) -> None:
     # Same parameters, other secret key, but labelled with the current key id:
     # the coordinator cannot tell, and the sum decrypts to noise.
@@ -136,7 +136,7 @@ def test_header_and_tensors_must_agree(site_key: FederationKey,
     combiner = EncryptedSum(coord_key, layout, 1)
     with pytest.raises(UpdateRejected) as error:
         combiner.add_params("cleveland", params)
-    assert "header lists 2 ciphertexts but the message holds 1" in error.value.reason
+    assert "header lists 2 ciphertexts but the message has 1" in error.value.reason
 
 
 def test_plain_model_sent_to_coordinator_is_rejected(

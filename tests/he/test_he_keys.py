@@ -56,7 +56,7 @@ def test_decrypt_without_secret_key_names_site(site_key: FederationKey,
     with pytest.raises(DecryptionError) as error:
         decrypt_aggregate(coord_key, layout, "coordinator", combiner.result())
     assert error.value.site == "coordinator"
-    assert "holds no secret key" in str(error.value)
+    assert "has no secret key" in str(error.value)
 
 
 def test_site_context_decrypts_after_file_roundtrip(site_key: FederationKey,
@@ -88,7 +88,7 @@ def test_coordinator_context_cannot_export_site_context(
 
 def test_coordinator_refuses_a_secret_context(site_key: FederationKey) -> None:
     layout = Layout.of({"x": np.zeros(5)}, site_key.params.slots)
-    with pytest.raises(ConfigError, match="holds the secret key"):
+    with pytest.raises(ConfigError, match="contains the secret key"):
         EncryptedSum(site_key, layout, 1)
 
 
@@ -109,7 +109,7 @@ def test_kind_mismatch_is_detected(site_key: FederationKey) -> None:
     # Relabel the secret file as a coordinator file: same length, other kind.
     index = data.index(b'"kind":"site"')
     data[index:index + 13] = b'"kind":"xxxx"'
-    with pytest.raises(ConfigError, match="filed as a 'xxxx' context but holds"):
+    with pytest.raises(ConfigError, match="filed as a 'xxxx' context but contains"):
         load_key(bytes(data))
 
 

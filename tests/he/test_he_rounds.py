@@ -75,7 +75,7 @@ def test_every_site_ends_with_the_plain_model(site_key: FederationKey,
         for name in plain:
             assert site.model is not None
             assert site.model[name].dtype == np.float32
-            # Decryption is deterministic, so every site holds the same bits.
+            # Decryption is deterministic, so every site has the same bits.
             np.testing.assert_array_equal(site.model[name], sites[0].model[name])
             np.testing.assert_allclose(site.model[name], plain[name], rtol=0,
                                        atol=1e-6)

@@ -2,7 +2,7 @@
 
 Sites encrypt their weighted updates under a key the coordinator does not
 hold. The coordinator adds the ciphertexts and relays the encrypted sum back,
-so it never holds an update or the global model in the clear. Each site
+so it never has an update or the global model in the clear. Each site
 keeps its own copy of the global model and of the server optimiser state.
 
 A round, from the coordinator's side:

@@ -141,10 +141,10 @@ class CKKSCombiner:
 
 
 class CKKSBackend:
-    """Make CKKS encoders (sites) and combiners (coordinator) from one key.
+    """Factory of CKKS encoders (sites) and combiners (coordinator) for one key.
 
-    A site's backend holds the site context and only makes encoders; the
-    coordinator's holds the coordinator context and only makes combiners.
+    A site's backend has the site context and only makes encoders. The
+    coordinator's has the coordinator context and only makes combiners.
     """
 
     name = "ckks"

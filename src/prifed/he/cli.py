@@ -25,7 +25,7 @@ SITE_FILE = "site-context.safetensors"
 COORDINATOR_FILE = "coordinator-context.safetensors"
 
 SitesOption = Annotated[int, typer.Option(
-    "--sites", help="most sites whose updates one aggregate sums")]
+    "--sites", help="maximum number of sites whose updates one aggregate sums")]
 RangeOption = Annotated[float, typer.Option(
     help="bound on each value of an update (local minus global model); values "
          "beyond it are clipped and counted")]
@@ -44,7 +44,9 @@ def _select(sites: int, value_range: float, precision: float, max_weight: float,
     if any(value is None for value in explicit):
         raise ConfigError("--degree, --coeff-bits and --scale-bits go together; "
                           "give all three or none")
-    assert degree is not None and coeff_bits is not None and scale_bits is not None
+    assert degree is not None
+    assert coeff_bits is not None
+    assert scale_bits is not None
     try:
         bits = tuple(int(b) for b in coeff_bits.split(","))
     except ValueError:
@@ -108,7 +110,7 @@ def keygen(
     force: Annotated[bool, typer.Option(
         help="overwrite existing context files")] = False,
 ) -> None:
-    """Create the federation's CKKS context: one file for sites, one for the coordinator."""
+    """Create the federation's CKKS key: a site file and a coordinator file."""
     from prifed.he.keys import create_federation_key
 
     params = _select(sites, value_range, precision, max_weight, degree, coeff_bits,
@@ -124,7 +126,8 @@ def rotate(
     out: Annotated[Path, typer.Option(help="folder for the new context files")],
     run: Annotated[str, typer.Option(help="label of the new run")] = "",
     sites: Annotated[Optional[int], typer.Option(
-        "--sites", help="new most sites per aggregate (default: unchanged)")] = None,
+        "--sites", help="new maximum number of sites per aggregate (default: "
+                        "unchanged)")] = None,
     force: Annotated[bool, typer.Option(
         help="overwrite existing context files")] = False,
 ) -> None:
@@ -144,7 +147,7 @@ def rotate(
 
 @he_app.command()
 def inspect(path: Annotated[Path, typer.Argument(help="a context file")]) -> None:
-    """Show a context file's kind, key id and parameters, and whether it holds the secret key."""
+    """Show a context file's kind, key id, parameters and secret-key status."""
     from prifed.he.keys import read_key_file
 
     key = read_key_file(path)
@@ -170,12 +173,12 @@ def export_coordinator(
     from prifed.he.keys import coordinator_context_bytes, read_key_file, write_key_file
 
     key = read_key_file(site_context)
-    _refuse_overwrite([out], force)
+    _reject_overwrite([out], force)
     write_key_file(out, coordinator_context_bytes(key))
     console.print(f"coordinator context for key {key.key_id}: {out}", highlight=False)
 
 
-def _refuse_overwrite(paths: list[Path], force: bool) -> None:
+def _reject_overwrite(paths: list[Path], force: bool) -> None:
     existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
         raise ConfigError(f"{', '.join(existing)} already exists; pass --force to "
@@ -190,7 +193,7 @@ def _write_pair(key: FederationKey, out: Path, force: bool) -> None:
     )
 
     site_path, coordinator_path = out / SITE_FILE, out / COORDINATOR_FILE
-    _refuse_overwrite([site_path, coordinator_path], force)
+    _reject_overwrite([site_path, coordinator_path], force)
     write_key_file(site_path, site_context_bytes(key))
     write_key_file(coordinator_path, coordinator_context_bytes(key))
     for line in _describe(key.params):

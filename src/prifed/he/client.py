@@ -2,7 +2,7 @@
 
 It wraps any site client of the plain protocol (an object with ``fit`` and
 ``evaluate`` taking a model in the clear) and an :class:`HESite`, which
-holds the site's copy of the global model, the server optimiser state and the
+keeps the site's copy of the global model, the server optimiser state and the
 secret key. The wrapped client never sees a ciphertext and the coordinator
 never sees a model.
 """
@@ -21,7 +21,7 @@ from prifed.he.site import HESite
 
 
 class PlainSiteClient(Protocol):
-    """What the wrapper needs from a plain site client."""
+    """Interface of a plain site client, as the wrapper uses it."""
 
     name: str
 
@@ -32,7 +32,7 @@ class PlainSiteClient(Protocol):
 
 
 class HESiteClient:
-    """Decrypt the aggregate, train the plain client on the model, encrypt the update."""
+    """Decrypt the aggregate, train the wrapped client, encrypt the update."""
 
     def __init__(self, inner: PlainSiteClient, site: HESite) -> None:
         if inner.name != site.name:

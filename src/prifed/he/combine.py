@@ -43,7 +43,7 @@ def parse_ciphertexts(key: FederationKey, layout: Layout,
             raise ValueError(f"{where} cannot be parsed ({error}): it is truncated "
                              "or was made under other CKKS parameters") from None
         if vector.size() != size:
-            raise ValueError(f"{where} holds {vector.size()} values; expected {size}")
+            raise ValueError(f"{where} has {vector.size()} values; expected {size}")
         vectors.append(vector)
     return vectors
 
@@ -67,7 +67,7 @@ class EncryptedSum:
                  base: str | None = None) -> None:
         if key.has_secret_key:
             raise ConfigError(
-                f"the coordinator's context for key {key.key_id} holds the secret "
+                f"the coordinator's context for key {key.key_id} contains the secret "
                 "key, so the coordinator could decrypt every update; load the "
                 "coordinator file from `prifed he keygen` instead")
         if layout.slots != key.params.slots:

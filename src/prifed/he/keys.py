@@ -184,12 +184,12 @@ def _check_context(key: FederationKey, kind: str, source: str) -> None:
     if found != expected:
         raise ConfigError(f"{source}: context has degree, modulus bits, data bits "
                           f"and scale {found}, but its metadata says {expected}")
-    if len(key.key_id) != 32:
+    if len(key.key_id) != 32 or not set(key.key_id) <= set("0123456789abcdef"):
         raise ConfigError(f"{source}: key_id must be 32 hex characters; got "
                           f"{key.key_id!r}")
     if kind != key.kind:
         raise ConfigError(f"{source} is filed as a {kind!r} context but "
-                          f"{'holds' if key.has_secret_key else 'lacks'} the secret "
+                          f"{'contains' if key.has_secret_key else 'lacks'} the secret "
                           "key; regenerate both files with `prifed he keygen`")
 
 
@@ -209,5 +209,5 @@ def read_key_file(path: Path) -> FederationKey:
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise ConfigError(f"cannot read CKKS context {path}: {error}") from None
+        raise ConfigError(f"failed to read CKKS context {path}: {error}") from None
     return load_key(data, source=str(path))

@@ -1,8 +1,8 @@
 """Packing of updates into CKKS slots and the wire form of encrypted messages.
 
-A site's update becomes one float64 vector: slot 0 holds the site's weight,
-slot 1 holds 1.0 (so the sum counts its contributions, a check after
-decryption), and the weighted values of every tensor follow in model order.
+A site's update becomes one float64 vector. Slot 0 is the site's weight and
+slot 1 is 1.0, so the sum counts its contributions (a check after
+decryption). The weighted values of every tensor follow in model order.
 The vector is cut into as many ciphertexts as the slots per ciphertext need.
 
 On the wire an encrypted update or aggregate is a parameter set of uint8
@@ -37,7 +37,7 @@ WIRE_VERSION = 1
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each tensor of a model sits in the slots of a site's ciphertexts."""
+    """Position of each tensor of a model in the slots of a site's ciphertexts."""
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
@@ -104,7 +104,7 @@ def model_digest(params: Mapping[str, np.ndarray]) -> str:
     """Hash a model's names, dtypes, shapes and bytes into 16 hex characters.
 
     Sites send this digest of the global model they trained from, so the
-    coordinator can see that every site holds the same model without seeing it.
+    coordinator can check that every site has the same model without seeing it.
     """
     digest = hashlib.sha256()
     for name in sorted(params):
@@ -216,7 +216,7 @@ def _from_params(params: Mapping[str, np.ndarray], expected: str
     wanted = _integer(header, "num_ciphertexts")
     expected_names = [f"{CIPHERTEXT_PREFIX}{i:05d}" for i in range(wanted)]
     if names != expected_names:
-        raise ValueError(f"header lists {wanted} ciphertexts but the message holds "
+        raise ValueError(f"header lists {wanted} ciphertexts but the message has "
                          f"{len(names)} tensors besides the header")
     ciphertexts = []
     for name in names:

@@ -1,6 +1,6 @@
 """The site side: encrypt a weighted update, decrypt the aggregate, step the model.
 
-With CKKS the coordinator never holds the global model in the clear, so each
+With CKKS the coordinator never has the global model in the clear, so each
 site keeps its own copy. A round at a site is:
 
 1. receive the encrypted aggregate of the previous round, decrypt it, divide
@@ -47,7 +47,7 @@ COUNT_TOLERANCE = 0.25
 
 @dataclass(frozen=True)
 class EncryptionReport:
-    """What encrypting one update did: clipping, size and time."""
+    """Outcome of encrypting one update: values clipped, bytes and seconds."""
 
     clipped: int
     num_values: int
@@ -118,12 +118,12 @@ def decrypt_aggregate(key: FederationKey, layout: Layout, site: str,
     """
     started = time.perf_counter()
     if not key.has_secret_key:
-        raise DecryptionError(site, f"the context of key {key.key_id} holds no "
+        raise DecryptionError(site, f"the context of key {key.key_id} has no "
                               "secret key (it is the coordinator's context); load "
                               "the site context file")
     if aggregate.key_id != key.key_id:
         raise DecryptionError(site, f"aggregate is under key {aggregate.key_id}; "
-                              f"this site holds key {key.key_id}")
+                              f"this site has key {key.key_id}")
     if aggregate.layout != layout.digest:
         raise DecryptionError(site, f"aggregate has model layout {aggregate.layout}; "
                               f"this site's model has {layout.digest}")
@@ -222,7 +222,7 @@ class HESite:
                 self.start(params)
             elif model_digest(params) != self.digest:
                 raise ProtocolError(
-                    f"site {self.name!r} holds the global model after round "
+                    f"site {self.name!r} has the global model after round "
                     f"{self.applied_round} and was sent a different model in the "
                     "clear; with homomorphic aggregation only the first round "
                     "starts from a model in the clear")
@@ -241,7 +241,7 @@ class HESite:
             return model
         if aggregate.base != self.digest:
             raise ProtocolError(
-                f"site {self.name!r} holds global model {self.digest} (after round "
+                f"site {self.name!r} has global model {self.digest} (after round "
                 f"{self.applied_round}), but the aggregate of round "
                 f"{aggregate.server_round} was computed from model {aggregate.base}: "
                 "the site missed an aggregate; copy the global model and optimiser "

@@ -1,13 +1,13 @@
 """Homomorphic aggregation as a round-engine strategy, for simulation and deployment.
 
 The engine carries the coordinator's view of the global model from round to
-round. With CKKS that view is the encrypted aggregate: round 1 starts from
-the initial model in the clear (it is public: every site starts from it),
-and every later round, and every evaluation, carries the encrypted aggregate
-of the round before. The sites decrypt it and step their own copies of the
-model (see :class:`prifed.he.client.HESiteClient`). The engine's final
-result is therefore the last encrypted aggregate; the model itself is read
-at a site.
+round, and with CKKS that view is the encrypted aggregate. Round 1 starts
+from the initial model in the clear, which is public because every site
+starts from it. Every later round, and every evaluation, carries the
+encrypted aggregate of the round before. The sites decrypt it and step their
+own copies of the model (see :class:`prifed.he.client.HESiteClient`). The
+engine's final result is therefore the last encrypted aggregate, and the
+model itself is read at a site.
 
 Site selection and local settings come from a plain strategy (FedAvg,
 FedProx, FedAdam, FedYogi or FedAdagrad), whose server step runs at the sites.
@@ -97,7 +97,7 @@ class HomomorphicStrategy(Strategy):
         server_step(plain.name)
         if key.has_secret_key:
             raise ConfigError(
-                f"the coordinator's context for key {key.key_id} holds the secret "
+                f"the coordinator's context for key {key.key_id} contains the secret "
                 "key, so the coordinator could decrypt every update; load the "
                 "coordinator file from `prifed he keygen` instead")
         super().__init__(plain.sites_per_round, plain.local_config)
