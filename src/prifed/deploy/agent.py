@@ -20,6 +20,7 @@ import json
 import random
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,23 @@ EventHook = Callable[[str, dict[str, Any]], None]
 
 ExchangeHandler = Callable[[bytes, dict[str, Any]], bytes]
 """Answers one exchange request (decompressed body, task) with the reply body."""
+
+def warm_up_torch() -> threading.Thread:
+    """Build a throwaway optimiser in the background while the site connects.
+
+    torch's first optimiser takes seconds to create (torch 2.13 imports its
+    compiler stack then); doing it early keeps that out of round 1.
+    """
+
+    def build() -> None:
+        import torch
+
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+    thread = threading.Thread(target=build, name="prifed-warm-up", daemon=True)
+    thread.start()
+    return thread
+
 
 PENDING_FILE = "pending-update.safetensors"
 CLIENT_STATE_FILE = "client-state.safetensors"
@@ -286,6 +304,7 @@ class SiteAgent:
 
     def run(self) -> Path | None:
         """Connect and take tasks until the coordinator says the run is done."""
+        warm_up_torch()
         self.connect()
         try:
             while self.step():

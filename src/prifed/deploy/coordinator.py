@@ -37,7 +37,7 @@ from prifed.deploy.config import FederationConfig
 from prifed.deploy.errors import RequestRejected, ServiceStopped
 from prifed.deploy.pki import PkiPaths
 from prifed.deploy.server import build_app
-from prifed.deploy.sitedata import parse_statistics, to_site_statistics
+from prifed.deploy.statistics import parse_statistics, to_site_statistics
 from prifed.deploy.store import SITE_JOINED, SITE_REVOKED, ModelRow, Store, \
     write_atomic
 from prifed.deploy.transport import ModelShelf, NetworkTransport, ReplyCheck, \
@@ -179,6 +179,9 @@ class Coordinator:
     def run(self) -> ParameterSet:
         """Run setup and every remaining round; return the final global model."""
         if self.initial_model is None:
+            # Import torch while sites send their statistics; it takes seconds.
+            threading.Thread(target=_import_models, name="prifed-import",
+                             daemon=True).start()
             self._setup()
         params, trainable = self._initial_model()
         training = self.config.training
@@ -393,6 +396,10 @@ def strategy_reply_check(strategy: Any) -> ReplyCheck:
             check_reply(reply, params)
 
     return check
+
+
+def _import_models() -> None:
+    import prifed.training.models  # noqa: F401
 
 
 def _mean(values: list[Any]) -> float:
