@@ -41,7 +41,7 @@ def run(sites, tmp_path, mode="record", rounds=2, secure="off", model="logreg",
 
 def test_record_level_spend_per_site_and_federation(sites, tmp_path):
     result, privacy = run(sites, tmp_path)
-    summary = privacy_summary(result.history, privacy, result.strategy)
+    summary = privacy_summary(result.history, privacy)
     expected = {s.name: compute_epsilon([GaussianEvent(1.5, 4 / s.train_y.size, 10)]
                                         * 2, 1e-3) for s in sites}
     for name, epsilon in expected.items():
@@ -58,7 +58,7 @@ def test_record_level_spend_per_site_and_federation(sites, tmp_path):
 def test_target_epsilon_is_reached_at_planned_rounds(sites, tmp_path):
     result, privacy = run(sites, tmp_path, rounds=3, noise_multiplier=None,
                           epsilon=2.0)
-    summary = privacy_summary(result.history, privacy, result.strategy)
+    summary = privacy_summary(result.history, privacy)
     for name, entry in summary["per_site"].items():
         assert entry["epsilon"] <= 2.0
         assert entry["epsilon"] == pytest.approx(2.0, rel=0.01), name
@@ -82,7 +82,7 @@ def test_site_level_with_secure_aggregation(sites, tmp_path):
                           clip_norm=0.05, noise_multiplier=2.0)
     assert result.strategy.settings.noise_placement == "sites"
     assert result.strategy.settings.min_sites == 4
-    summary = privacy_summary(result.history, privacy, result.strategy)
+    summary = privacy_summary(result.history, privacy)
     assert "secure aggregation" in summary["trust"]
     expected = compute_epsilon([GaussianEvent(2.0, 1.0, 1)] * 2, 1e-3)
     assert summary["federation"]["epsilon"] == pytest.approx(expected, rel=1e-5)
@@ -93,7 +93,7 @@ def test_site_level_with_secure_aggregation(sites, tmp_path):
 
 def test_coordinator_noise_is_the_weaker_trust(sites, tmp_path):
     result, privacy = run(sites, tmp_path, mode="site", rounds=1, clip_norm=0.05)
-    summary = privacy_summary(result.history, privacy, result.strategy)
+    summary = privacy_summary(result.history, privacy)
     assert "weaker trust assumption" in summary["trust"]
 
 

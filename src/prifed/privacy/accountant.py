@@ -18,6 +18,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import dp_accounting
 from dp_accounting import pld, rdp
@@ -125,6 +126,13 @@ def compute_epsilon(events: Iterable[GaussianEvent], delta: float,
         return 0.0
     if any(event.noise_multiplier == 0 for event in merged):
         return math.inf
+    return _epsilon(tuple(merged), delta, accountant)
+
+
+@lru_cache(maxsize=256)
+def _epsilon(merged: tuple[GaussianEvent, ...], delta: float, accountant: str
+             ) -> float:
+    # A ledger checks a round and then records it: the same composition twice.
     engine = new_accountant(accountant)
     engine.compose(to_dp_event(merged))
     return float(engine.get_epsilon(delta))

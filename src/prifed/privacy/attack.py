@@ -25,6 +25,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from prifed.core.params import params_from_bytes
+from prifed.data.partition import PartitionSpec
 from prifed.data.tabular import TableSpec
 from prifed.errors import ConfigError
 from prifed.sitedata import PreparedSite, prepare_sites
@@ -117,8 +118,12 @@ def attack_run_folder(folder: Path) -> tuple[list[AttackResult], dict[str, Any]]
     config = summary["config"]
     data = None if config["data"] == "heart (shipped)" else Path(config["data"])
     spec = TableSpec(**config["spec"]) if config.get("spec") else None
-    sites = prepare_sites(data, spec, config["seed"], config["test_fraction"],
-                          config["standardize"], config.get("sites"))
+    partition = PartitionSpec(**config["partition"]) if config.get("partition") \
+        else None
+    split_seed = config.get("split_seed")
+    sites = prepare_sites(data, spec, config["seed"] if split_seed is None
+                          else split_seed, config["test_fraction"],
+                          config["standardize"], config.get("sites"), partition)
     params = params_from_bytes(model_path.read_bytes())
     model = build_model(config["model"], sites[0].train_x.shape[1], config["seed"])
     set_params(model, params)

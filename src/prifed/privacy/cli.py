@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from prifed.errors import ConfigError
@@ -88,7 +89,7 @@ def ledger(
                       f"{entry.noise_multiplier:.4g}", f"{entry.sample_rate:.4g}",
                       str(entry.steps), f"{entry.clip_norm:g}",
                       format_epsilon(entry.epsilon_total))
-    console.print(table)
+    _print_table(table)
     spent = book.spent(policy)
     limit = "none" if policy.epsilon_limit is None else f"{policy.epsilon_limit:g}"
     console.print(f"spent epsilon {format_epsilon(spent)} at delta {policy.delta:g} "
@@ -146,7 +147,7 @@ def attack(
         table.add_row(result.site, str(result.members), str(result.non_members),
                       f"{result.member_loss:.4f}", f"{result.non_member_loss:.4f}",
                       auc, f"{result.chance_std:.3f}")
-    console.print(table)
+    _print_table(table)
     mode = report["privacy"].get("mode", "off")
     epsilon = report["privacy"].get("federation", {}).get("epsilon")
     console.print(f"privacy: {mode}" + (f", federation epsilon {epsilon}"
@@ -157,6 +158,13 @@ def attack(
     path = run_folder / "attack.json"
     path.write_text(json.dumps(report, indent=2, allow_nan=False))
     console.print(f"wrote {path}")
+
+
+def _print_table(table: Table) -> None:
+    """Print a table at its natural width, wider than the terminal if need be."""
+    wide = Console(width=1000)
+    needed = Measurement.get(wide, wide.options, table).maximum
+    Console(width=max(console.width, needed)).print(table)
 
 
 def _fmt(value: float) -> str:

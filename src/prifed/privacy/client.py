@@ -33,13 +33,14 @@ import torch
 from torch import nn
 
 from prifed.core.messages import TrainInstruction, TrainReply
+from prifed.errors import PriFedError
 from prifed.log import get_logger, round_label
 from prifed.privacy.accountant import GaussianEvent, calibrate_noise_multiplier, \
     sampling_rate
 from prifed.privacy.dpsgd import DPSGDTrainer
 from prifed.privacy.errors import PolicyError
 from prifed.privacy.ledger import LedgerEntry, PrivacyLedger
-from prifed.privacy.policy import LEDGER_FILE, SitePolicy, load_policy, policy_path
+from prifed.privacy.policy import LEDGER_FILE, POLICY_FILE, SitePolicy, load_policy
 from prifed.privacy.settings import CONFIG_KEY, DPSettings
 from prifed.privacy.sitelevel import add_noise_share, clip_update
 from prifed.privacy.validation import validate_for_dp
@@ -80,6 +81,17 @@ class PrivateSiteClient(SiteClient):
             instruction: TrainInstruction) -> TrainReply:
         """Train one DP round within the site's budget, or raise why not."""
         started = time.perf_counter()
+        try:
+            reply = self._fit(params, instruction)
+        except PriFedError as error:
+            logger.warning("fit round %d: site %s does not train: %s",
+                           instruction.server_round, self.name, error)
+            raise
+        reply.metrics["train_seconds"] = time.perf_counter() - started
+        return reply
+
+    def _fit(self, params: Mapping[str, np.ndarray],
+             instruction: TrainInstruction) -> TrainReply:
         policy = load_policy(self.privacy_dir)
         settings = self.read_settings(instruction.config, policy)
         if settings.mode == "record":
@@ -93,19 +105,16 @@ class PrivateSiteClient(SiteClient):
             event, policy, run_id=settings.run_id,
             server_round=instruction.server_round, mode=settings.mode,
             noise_placement=_placement(settings), clip_norm=settings.clip_norm)
-        metrics = privacy_metrics(entry, policy)
-        metrics["train_seconds"] = time.perf_counter() - started
         return TrainReply(self.name, instruction.server_round, local, num_samples,
-                          metrics)
+                          privacy_metrics(entry, policy))
 
     def read_settings(self, config: Mapping[str, Any],
                       policy: SitePolicy) -> DPSettings:
         """Parse the proposed DP settings and check them against the policy."""
-        where = policy_path(self.privacy_dir)
         if CONFIG_KEY not in config:
             raise PolicyError(f"site {self.name!r} trains only with differential "
                               "privacy, and the instruction has no 'dp' settings "
-                              f"(policy {where})")
+                              f"(its {POLICY_FILE})")
         unknown = sorted(set(config) - TRAINING_KEYS - {CONFIG_KEY})
         if unknown:
             raise PolicyError(f"site {self.name!r} cannot apply config key "
@@ -114,7 +123,7 @@ class PrivateSiteClient(SiteClient):
         settings = DPSettings.from_config(config[CONFIG_KEY])
         if settings.mode not in policy.allowed_modes:
             raise PolicyError(f"site {self.name!r} does not allow DP mode "
-                              f"{settings.mode!r}; its policy {where} allows "
+                              f"{settings.mode!r}; its {POLICY_FILE} allows "
                               f"{', '.join(policy.allowed_modes)}")
         return settings
 
@@ -133,7 +142,7 @@ class PrivateSiteClient(SiteClient):
         set_params(model, params)
         model.train()
         validate_for_dp(model)
-        self.ledger.check(event, policy, str(policy_path(self.privacy_dir)))
+        self.ledger.check(event, policy, POLICY_FILE)
         result = self.dp_trainer.train(
             model, steps=steps, expected_batch_size=batch_size,
             noise_multiplier=sigma, clip_norm=settings.clip_norm,
@@ -156,7 +165,7 @@ class PrivateSiteClient(SiteClient):
         if settings.noise_placement == "sites" and settings.min_sites is None:
             raise PolicyError(f"site {self.name!r} cannot size its noise share: "
                               "the dp settings name no min_sites")
-        self.ledger.check(event, policy, str(policy_path(self.privacy_dir)))
+        self.ledger.check(event, policy, POLICY_FILE)
 
         model = self.model_factory()
         set_params(model, params)
@@ -196,7 +205,7 @@ class PrivateSiteClient(SiteClient):
             raise PolicyError(
                 f"site {self.name!r} requires a noise multiplier of at least "
                 f"{policy.min_noise_multiplier:g}; the round asks for {sigma:.4g} "
-                f"(policy {policy_path(self.privacy_dir)})")
+                f"(its {POLICY_FILE})")
 
 
 def privacy_metrics(entry: LedgerEntry, policy: SitePolicy) -> dict[str, float]:
@@ -204,7 +213,8 @@ def privacy_metrics(entry: LedgerEntry, policy: SitePolicy) -> dict[str, float]:
     return {"dp_epsilon": entry.epsilon_total, "dp_delta": entry.delta,
             "dp_epsilon_limit": policy.limit,
             "dp_noise_multiplier": entry.noise_multiplier,
-            "dp_sample_rate": entry.sample_rate, "dp_steps": float(entry.steps)}
+            "dp_sample_rate": entry.sample_rate, "dp_steps": float(entry.steps),
+            "dp_noise_at_sites": float(entry.noise_placement == "sites")}
 
 
 def _placement(settings: DPSettings) -> str:

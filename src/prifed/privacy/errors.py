@@ -35,8 +35,9 @@ class BudgetExhausted(PriFedError):
         self.spent = spent
         self.projected = projected
         self.limit = limit
+        recorded = f"{rounds} recorded round" + ("" if rounds == 1 else "s")
         super().__init__(
             f"privacy budget of site {site!r} would be exceeded: it has spent "
-            f"epsilon {spent:.4g} at delta {delta:g} over {rounds} recorded rounds, "
-            f"and this round would raise it to {projected:.4g}, above the limit "
-            f"{limit:g} set by the site in {policy}; the site does not train")
+            f"epsilon {spent:.4g} at delta {delta:g} over {recorded}, and this "
+            f"round would raise it to {projected:.4g}, above the limit {limit:g} "
+            f"set by the site in its {policy}; the site does not train")

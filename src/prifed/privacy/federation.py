@@ -40,6 +40,14 @@ logger = get_logger(__name__)
 
 DP_MODES = ("off", "record", "site")
 
+DEFAULT_CLIP = {"record": 1.0, "site": 0.1}
+"""Default L2 clip norms: a record's gradient, and a site's whole update.
+
+1.0 clips most per-record gradients of a logistic regression on standardised
+features. 0.1 is about the median update norm of the heart job's non-private
+rounds (100 SGD steps at learning rate 0.01); other jobs need their own.
+"""
+
 TRUST = {
     "off": "no differential privacy",
     "record": "record-level DP-SGD on each site; each site adds its own noise, "
@@ -57,33 +65,54 @@ TRUST = {
 class PrivacyOptions:
     """DP settings of a simulation, as ``prifed simulate`` takes them.
 
+    ``clip_norm`` defaults to :data:`DEFAULT_CLIP` of the mode.
     ``site_root`` is the folder that holds one privacy folder per site.
     ``epsilon_limit`` goes into the policy files the simulation writes for
     sites that have none; it defaults to ``epsilon`` (no limit when only a
-    noise multiplier is given).
+    noise multiplier is given). ``run_id`` labels the run in the ledgers.
     """
 
     mode: str = "off"
     epsilon: float | None = None
     delta: float = 1e-5
     noise_multiplier: float | None = None
-    clip_norm: float = 1.0
+    clip_norm: float | None = None
     accountant: str = "rdp"
     epsilon_limit: float | None = None
     site_root: str | None = None
     min_sites: int | None = None
+    run_id: str = ""
 
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
 
-    def validate(self) -> None:
-        """Check the options before any work starts."""
+    @property
+    def clip(self) -> float:
+        """Return the clip norm, or the mode's default when none was set."""
+        if self.clip_norm is not None:
+            return self.clip_norm
+        return DEFAULT_CLIP.get(self.mode, 1.0)
+
+    def validate(self, strategies: int = 1, personalised: bool = False) -> None:
+        """Check the options before any work starts.
+
+        A DP simulation runs one strategy, because every run spends the
+        sites' budgets, and no personalisation, whose local layers and
+        fine-tuning would train without DP.
+        """
         if self.mode not in DP_MODES:
             raise ConfigError(f"dp must be one of {', '.join(DP_MODES)}; "
                               f"got {self.mode!r}")
         if not self.enabled:
             return
+        if strategies != 1:
+            raise NotSupportedError(
+                f"DP runs one strategy at a time, because each run spends the "
+                f"sites' privacy budgets; got {strategies}")
+        if personalised:
+            raise NotSupportedError("personal layers and fine-tuning would train "
+                                    "without DP; turn them off to use DP")
         if self.site_root is None:
             raise ConfigError("DP needs a folder for the sites' policies and "
                               "ledgers (site_root)")
@@ -93,14 +122,14 @@ class PrivacyOptions:
         self.settings(1)
 
     def settings(self, rounds: int, secure_aggregation: bool = False,
-                 num_sites: int | None = None, run_id: str = "") -> DPSettings:
+                 num_sites: int | None = None) -> DPSettings:
         """Return the DP settings the coordinator proposes for a run."""
         placement = "sites" if secure_aggregation and self.mode == "site" \
             else "coordinator"
         min_sites = self.min_sites or (num_sites if placement == "sites" else None)
         return DPSettings(self.mode, self.delta, self.epsilon, self.noise_multiplier,
-                          self.clip_norm, rounds, self.accountant, placement,
-                          min_sites, run_id)
+                          self.clip, rounds, self.accountant, placement,
+                          min_sites, self.run_id)
 
     def site_policy(self) -> SitePolicy:
         """Return the policy a simulated site gets when it has none."""
@@ -209,6 +238,34 @@ def run_private(strategy: Strategy, sites: Sequence[PreparedSite],
                       compute)
 
 
+def run_private_spec(spec: Any, sites: Sequence[PreparedSite],
+                     model_factory: Callable[[], nn.Module], settings: Any,
+                     options: PrivacyOptions,
+                     progress: RoundProgress | None = None) -> Any:
+    """Run one strategy of a simulation with DP; return a ``FederatedRun``.
+
+    ``spec`` and ``settings`` are the simulation's
+    :class:`~prifed.strategies.StrategySpec` and
+    :class:`~prifed.federated.RunSettings`. Rounds run in wall-clock time:
+    simulated site speeds and availability do not apply to DP runs.
+    """
+    from prifed.federated import FederatedRun
+    from prifed.strategies import STRATEGIES, build_strategy, strategy_options
+
+    if settings.profiles:
+        raise NotSupportedError("simulated site speeds and availability do not "
+                                "apply to DP runs; leave them unset")
+    chosen = {k: v for k, v in settings.shared_options.items()
+              if k in strategy_options(STRATEGIES[spec.name])}
+    chosen.update(spec.options)
+    strategy = build_strategy(spec.name, sites_per_round=settings.sites_per_round,
+                              local_config=settings.local_config, **chosen)
+    run = run_private(strategy, sites, model_factory, settings.rounds, settings.seed,
+                      options, progress=progress)
+    return FederatedRun(run.label, run.curve, [], run.model, run.history,
+                        run.seconds, run.compute_seconds, asynchronous=False)
+
+
 def _secure_transport(mode: str, strategy: PrivateStrategy, inner: Any,
                       params: ParameterSet) -> Any:
     from prifed.secagg.config import SecAggConfig
@@ -249,8 +306,8 @@ def log_round_privacy(record: RoundRecord, num_rounds: int) -> None:
                        label, len(refused), ", ".join(sorted(refused)))
 
 
-def privacy_summary(history: Sequence[RoundRecord], options: PrivacyOptions,
-                    strategy: Strategy | None = None) -> dict[str, Any]:
+def privacy_summary(history: Sequence[RoundRecord], options: PrivacyOptions
+                    ) -> dict[str, Any]:
     """Summarise epsilon and delta per site and for the federation.
 
     Record level: each record lives at one site, so the federation's epsilon
@@ -261,6 +318,7 @@ def privacy_summary(history: Sequence[RoundRecord], options: PrivacyOptions,
     if not options.enabled:
         return {"mode": "off", "trust": TRUST["off"]}
     per_site: dict[str, dict[str, Any]] = {}
+    at_sites = False
     for record in history:
         for site, metrics in record.train_metrics.items():
             if "dp_epsilon" not in metrics:
@@ -272,23 +330,22 @@ def privacy_summary(history: Sequence[RoundRecord], options: PrivacyOptions,
             entry["epsilon_limit"] = metrics["dp_epsilon_limit"]
             entry["noise_multiplier"] = metrics["dp_noise_multiplier"]
             entry["sample_rate"] = metrics["dp_sample_rate"]
+            at_sites = at_sites or metrics.get("dp_noise_at_sites", 0.0) > 0
         for site, reason in record.failures.items():
             entry = per_site.setdefault(site, {"rounds_trained": 0})
             entry.setdefault("refusals", []).append(
                 {"round": record.server_round, "reason": reason})
     epsilons = [e["epsilon"] for e in per_site.values() if "epsilon" in e]
     deltas = [e["delta"] for e in per_site.values() if "delta" in e]
-    settings = strategy.settings if isinstance(strategy, PrivateStrategy) else None
-    placement = settings.noise_placement if settings and options.mode == "site" \
-        else options.mode
+    placement = options.mode
+    if options.mode == "site":
+        placement = "sites" if at_sites else "coordinator"
     return {
         "mode": options.mode,
         "trust": TRUST[placement],
         "accountant": options.accountant,
         "target_epsilon": options.epsilon,
-        "clip_norm": options.clip_norm,
-        "noise_multiplier": settings.noise_multiplier if settings else
-        options.noise_multiplier,
+        "clip_norm": options.clip,
         "federation": {"epsilon": _json_float(max(epsilons)) if epsilons else None,
                        "delta": max(deltas) if deltas else None},
         "per_site": {site: {key: _json_float(value) if isinstance(value, float)
@@ -302,14 +359,20 @@ def _json_float(value: float) -> float | str:
 
 
 def describe_spend(summary: Mapping[str, Any]) -> str:
-    """Return one line for the results table: the federation's epsilon and delta."""
+    """Return the lines under the results table: epsilon and delta spent."""
     if summary.get("mode", "off") == "off":
         return "no differential privacy"
     federation = summary["federation"]
     if federation["epsilon"] is None:
-        return f"DP {summary['mode']} level: no site trained"
-    sites = ", ".join(f"{site} {entry.get('epsilon', 'none')}"
+        return f"DP at {summary['mode']} level: no site trained"
+    sites = ", ".join(f"{site} {_short(entry.get('epsilon'))}"
                       for site, entry in summary["per_site"].items())
-    return (f"DP {summary['mode']} level: federation epsilon "
-            f"{federation['epsilon']} at delta {federation['delta']:g} "
-            f"(per site: {sites})")
+    return (f"DP at {summary['mode']} level: epsilon spent "
+            f"{_short(federation['epsilon'])} at delta {federation['delta']:g} for "
+            f"the federation; per site {sites}")
+
+
+def _short(value: float | str | None) -> str:
+    if value is None or isinstance(value, str):
+        return str(value or "none")
+    return f"{value:.3g}"
