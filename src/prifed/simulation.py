@@ -16,6 +16,7 @@ from prifed.data.tabular import TableSpec
 from prifed.errors import ConfigError
 from prifed.federated import RunSettings, personal_curve, run_federated
 from prifed.log import get_logger
+from prifed.privacy.federation import PrivacyOptions, run_private_spec
 from prifed.simclock import SiteProfile
 from prifed.sitedata import PreparedSite, prepare_sites
 from prifed.strategies import (STRATEGIES, StrategySpec, parse_strategy_specs,
@@ -65,6 +66,7 @@ class SimulationConfig:
     site_profiles: dict[str, SiteProfile] = field(default_factory=dict)
     step_seconds: float = 0.01
     partition: PartitionSpec = field(default_factory=PartitionSpec)
+    privacy: PrivacyOptions = field(default_factory=PrivacyOptions)
 
     def validate(self) -> None:
         """Check ranges before any work starts."""
@@ -90,6 +92,8 @@ class SimulationConfig:
             raise ConfigError(f"strategy option {unknown[0]!r} applies to none of "
                               f"the strategies {', '.join(labels)}")
         self.personalization()
+        self.privacy.validate(len(specs), bool(self.personal_layers
+                                               or self.finetune_steps))
 
     def strategy_specs(self) -> list[StrategySpec]:
         """Return the strategies to compare, parsed from ``strategy``."""
@@ -161,12 +165,16 @@ def run_simulation(config: SimulationConfig,
     histories: list[list[RoundRecord]] = []
     compute_seconds: list[float] = []
     for spec in config.strategy_specs():
-        def on_round(server_round: int, metrics: Any, label: str = spec.label
-                     ) -> None:
+        def on_round(server_round: int, metrics: Any, privacy: Any = None,
+                     label: str = spec.label) -> None:
             if progress is not None:
-                progress(label, server_round, mean_metrics(metrics))
+                progress(label, server_round, mean_metrics(metrics) | (privacy or {}))
 
-        run = run_federated(spec, sites, factory, settings, on_round)
+        if config.privacy.enabled:
+            run = run_private_spec(spec, sites, factory, settings, config.privacy,
+                                   on_round)
+        else:
+            run = run_federated(spec, sites, factory, settings, on_round)
         note = ("asynchronous: one point per server update" if run.asynchronous
                 else "")
         methods.append(MethodResult(run.label, run.curve, run.seconds, note,
@@ -184,7 +192,9 @@ def run_simulation(config: SimulationConfig,
             # Timing in the summary compares the first strategy's wall time
             # with its own local compute.
             compute_seconds.append(run.compute_seconds)
-    if config.baselines:
+    if config.baselines and config.privacy.enabled:
+        logger.warning("baselines skipped: they would train without DP")
+    elif config.baselines:
         methods += run_baselines(config, sites, progress)
     first = next(iter(models.values()))
     return SimulationResult(config, sites, methods, first,
