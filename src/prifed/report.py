@@ -17,6 +17,7 @@ from rich.table import Table  # noqa: E402
 from prifed import __version__  # noqa: E402
 from prifed.core.params import params_to_bytes  # noqa: E402
 from prifed.modelcard import model_card  # noqa: E402
+from prifed.privacy.federation import describe_spend, privacy_summary  # noqa: E402
 from prifed.simulation import SimulationResult, mean_metrics  # noqa: E402
 
 METRICS = ("accuracy", "auc")
@@ -52,6 +53,7 @@ def summary(result: SimulationResult) -> dict[str, Any]:
         "features": result.sites[0].preprocessor.feature_names,
         "partition": result.config.partition.describe(),
         "methods": methods,
+        "privacy": privacy_summary(result.history, result.config.privacy),
         "rounds": [{"round": r.server_round, "accepted": r.accepted,
                     "failures": r.failures, "rejected": r.rejected,
                     "skipped": r.skipped} for r in result.history],
@@ -143,6 +145,9 @@ def results_table(result: SimulationResult) -> Table:
             cells.append(f"{method.times[-1]:.1f}" if method.times else "")
         label = method.method + (" (upper ref.)" if method.method == "pooled" else "")
         table.add_row(label, *cells)
+    if result.config.privacy.enabled:
+        table.caption = describe_spend(privacy_summary(result.history,
+                                                       result.config.privacy))
     return table
 
 
