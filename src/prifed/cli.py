@@ -20,6 +20,7 @@ from prifed.data.tabular import TableSpec
 from prifed.deploy.cli import register as register_deploy
 from prifed.errors import PriFedError
 from prifed.he.cli import he_app
+from prifed.privacy.cli import privacy_app
 
 app = typer.Typer(help="PriFed: privacy-preserving federated learning for health AI.",
                   no_args_is_help=True, add_completion=False)
@@ -51,11 +52,15 @@ def configure_logging(verbose: bool, log_file: Path | None = None) -> None:
         to_file.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(to_file)
+    # Importing Opacus calls logging.basicConfig, which would print every
+    # line a second time through the root logger.
+    root.propagate = False
 
 
 def close_logging() -> None:
     """Remove and close the handlers that :func:`configure_logging` added."""
     root = logging.getLogger("prifed")
+    root.propagate = True
     for handler in list(root.handlers):
         if not isinstance(handler, logging.NullHandler):
             root.removeHandler(handler)
@@ -153,6 +158,25 @@ def simulate(
     partition_alpha: Annotated[float, typer.Option(
         help="Dirichlet concentration of a synthetic split (small: more skew)")
     ] = 0.5,
+    dp: Annotated[str, typer.Option(
+        help="differential privacy: off, record (DP-SGD at each site) or site "
+             "(DP-FedAvg on clipped site updates)")] = "off",
+    epsilon: Annotated[Optional[float], typer.Option(
+        help="target epsilon of the run; the noise is calibrated to it")] = None,
+    delta: Annotated[float, typer.Option(help="delta of the DP guarantee")] = 1e-5,
+    noise_multiplier: Annotated[Optional[float], typer.Option(
+        help="noise standard deviation over the clip norm, instead of --epsilon")
+    ] = None,
+    clip_norm: Annotated[Optional[float], typer.Option(
+        help="L2 bound of each record's gradient (record) or each site's update "
+             "(site); default 1.0 for record, 0.1 for site")] = None,
+    epsilon_limit: Annotated[Optional[float], typer.Option(
+        help="limit written into simulated sites' policy files that do not "
+             "exist yet (default: --epsilon)")] = None,
+    privacy_dir: Annotated[Optional[Path], typer.Option(
+        help="folder with one privacy folder (policy, ledger) per site; reuse "
+             "it to keep spending the same budgets (default: <run folder>/sites)")
+    ] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="run folder (default: runs/<time>-<strategy>)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
@@ -161,6 +185,7 @@ def simulate(
 ) -> None:
     """Simulate a federation in one process and compare it with baselines."""
     from prifed.data.partition import PartitionSpec
+    from prifed.privacy.federation import PrivacyOptions
     from prifed.report import results_table, write_run_folder
     from prifed.simclock import SiteProfile
     from prifed.simulation import SimulationConfig, run_simulation
@@ -186,9 +211,14 @@ def simulate(
         site_profiles=_site_profiles(site_speed, site_availability, SiteProfile),
         step_seconds=step_seconds,
         partition=PartitionSpec(partition, partition_sites, partition_alpha,
-                                seed=split_seed if split_seed is not None else seed))
+                                seed=split_seed if split_seed is not None else seed),
+        privacy=PrivacyOptions(dp, epsilon, delta, noise_multiplier, clip_norm,
+                               epsilon_limit=epsilon_limit,
+                               site_root=str(privacy_dir or folder / "sites"),
+                               run_id=folder.name))
     config.validate()
-    methods = len(config.strategy_specs()) + (2 if baselines else 0)
+    with_baselines = baselines and not config.privacy.enabled
+    methods = len(config.strategy_specs()) + (2 if with_baselines else 0)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[metric]}"), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as bar:
@@ -196,8 +226,11 @@ def simulate(
 
         def progress(method: str, server_round: int, metrics: dict[str, float]) -> None:
             accuracy = metrics.get("accuracy", float("nan"))
+            spent = (f", epsilon {metrics['epsilon']:.3g}" if "epsilon" in metrics
+                     else "")
             bar.update(task, advance=1, description=f"{method} round "
-                       f"{server_round}/{rounds}", metric=f"mean acc {accuracy:.3f}")
+                       f"{server_round}/{rounds}",
+                       metric=f"mean acc {accuracy:.3f}{spent}")
 
         result = run_simulation(config, progress)
     paths = write_run_folder(result, folder)
@@ -235,6 +268,7 @@ def run(argv: list[str] | None = None) -> int:
 
 register_deploy(app)
 app.add_typer(he_app, name="he")
+app.add_typer(privacy_app, name="privacy")
 
 
 def main() -> None:
