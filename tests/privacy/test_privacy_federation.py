@@ -7,7 +7,7 @@ import pytest
 
 from prifed.core.secure_sum import PrivateSum
 from prifed.core.strategy import FedAvg
-from prifed.errors import ConfigError
+from prifed.errors import ConfigError, NotSupportedError
 from prifed.privacy.accountant import GaussianEvent, compute_epsilon
 from prifed.privacy.errors import UnsupportedLayerError
 from prifed.privacy.federation import PrivacyOptions, privacy_summary, run_private
@@ -16,6 +16,7 @@ from prifed.privacy.policy import LEDGER_FILE
 from prifed.privacy.settings import DPSettings
 from prifed.privacy.strategy import PrivateStrategy
 from prifed.sitedata import prepare_sites
+from prifed.strategies import build_strategy
 from prifed.training.models import build_model
 
 TRAINING = {"local_steps": 10, "batch_size": 4, "lr": 0.01, "optimizer": "sgd"}
@@ -123,3 +124,25 @@ def test_options_are_checked_up_front(tmp_path):
         PrivacyOptions(mode="record", site_root=str(tmp_path)).validate()
     with pytest.raises(ConfigError, match="site_root"):
         PrivacyOptions(mode="record", epsilon=1.0).validate()
+
+
+def test_strategies_sites_cannot_apply_are_refused(sites, tmp_path):
+    privacy = PrivacyOptions(mode="record", epsilon=1.0, delta=1e-3,
+                             site_root=str(tmp_path))
+    for name, message in [("fedprox", "config key 'proximal_mu'"),
+                          ("scaffold", "needs individual updates"),
+                          ("fedbuff", "asynchronous")]:
+        strategy = build_strategy(name, local_config=TRAINING)
+        with pytest.raises(NotSupportedError, match=message):
+            run_private(strategy, sites, factory(), 1, 7, privacy)
+    # Nothing started: no site folder was written.
+    assert not list(tmp_path.iterdir())
+
+
+def test_server_optimiser_runs_under_dp(sites, tmp_path):
+    privacy = PrivacyOptions(mode="site", noise_multiplier=1.0, delta=1e-3,
+                             site_root=str(tmp_path))
+    result = run_private(build_strategy("fedadam", local_config=TRAINING), sites,
+                         factory(), 1, 7, privacy)
+    assert result.label == "fedadam+dp-site"
+    assert sorted(result.history[0].accepted) == sorted(s.name for s in sites)

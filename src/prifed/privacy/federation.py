@@ -24,7 +24,7 @@ from prifed.core.params import ParameterSet
 from prifed.core.strategy import Strategy
 from prifed.errors import ConfigError, NotSupportedError
 from prifed.log import get_logger, round_label
-from prifed.privacy.client import PrivateSiteClient
+from prifed.privacy.client import TRAINING_KEYS, PrivateSiteClient
 from prifed.privacy.errors import BudgetExhausted
 from prifed.privacy.ledger import format_epsilon
 from prifed.privacy.policy import SitePolicy, policy_path, write_policy
@@ -199,7 +199,8 @@ class PrivateRun:
 def run_private(strategy: Strategy, sites: Sequence[PreparedSite],
                 model_factory: Callable[[], nn.Module], rounds: int, seed: int,
                 options: PrivacyOptions, secure_aggregation: str = "off",
-                progress: RoundProgress | None = None) -> PrivateRun:
+                progress: RoundProgress | None = None,
+                evaluate_every: int = 1) -> PrivateRun:
     """Run one strategy with DP on private site clients, in process.
 
     ``secure_aggregation`` is off, secagg or secagg+. With it on, site-level
@@ -210,11 +211,12 @@ def run_private(strategy: Strategy, sites: Sequence[PreparedSite],
         raise NotSupportedError(f"strategy {strategy.name!r} is asynchronous; DP "
                                 "runs support synchronous rounds only")
     check_model(model_factory, options.mode)
-    clients = private_clients(sites, model_factory, seed, options)
     secure = secure_aggregation != "off"
     private = private_strategy(strategy, options, rounds, len(sites), seed, secure)
     initial = model_factory()
     params = get_params(initial)
+    private.check_instructions(params, [s.name for s in sites], TRAINING_KEYS)
+    clients = private_clients(sites, model_factory, seed, options)
     transport: Any = InProcessTransport(clients)
     if secure:
         transport = _secure_transport(secure_aggregation, private, transport, params)
@@ -222,12 +224,15 @@ def run_private(strategy: Strategy, sites: Sequence[PreparedSite],
     curve: list[dict[str, dict[str, float]]] = []
 
     def on_round(record: RoundRecord) -> None:
-        curve.append(record.eval_metrics)
         log_round_privacy(record, rounds)
+        if not record.eval_metrics:
+            return
+        curve.append(record.eval_metrics)
         if progress is not None:
             progress(record.server_round, record.eval_metrics, round_privacy(record))
 
-    engine = RoundEngine(private, transport, rounds, seed=seed, on_round=on_round)
+    engine = RoundEngine(private, transport, rounds, seed=seed,
+                         evaluate_every=evaluate_every, on_round=on_round)
     started = time.perf_counter()
     final = engine.run(params, trainable_names(initial))
     seconds = time.perf_counter() - started
@@ -241,13 +246,15 @@ def run_private(strategy: Strategy, sites: Sequence[PreparedSite],
 def run_private_spec(spec: Any, sites: Sequence[PreparedSite],
                      model_factory: Callable[[], nn.Module], settings: Any,
                      options: PrivacyOptions,
-                     progress: RoundProgress | None = None) -> Any:
+                     progress: RoundProgress | None = None,
+                     secure_aggregation: str = "off") -> Any:
     """Run one strategy of a simulation with DP; return a ``FederatedRun``.
 
     ``spec`` and ``settings`` are the simulation's
     :class:`~prifed.strategies.StrategySpec` and
     :class:`~prifed.federated.RunSettings`. Rounds run in wall-clock time:
     simulated site speeds and availability do not apply to DP runs.
+    ``secure_aggregation`` (off, secagg, secagg+) masks the updates.
     """
     from prifed.federated import FederatedRun
     from prifed.strategies import STRATEGIES, build_strategy, strategy_options
@@ -261,7 +268,8 @@ def run_private_spec(spec: Any, sites: Sequence[PreparedSite],
     strategy = build_strategy(spec.name, sites_per_round=settings.sites_per_round,
                               local_config=settings.local_config, **chosen)
     run = run_private(strategy, sites, model_factory, settings.rounds, settings.seed,
-                      options, progress=progress)
+                      options, secure_aggregation, progress,
+                      getattr(settings, "evaluate_every", 1))
     return FederatedRun(run.label, run.curve, [], run.model, run.history,
                         run.seconds, run.compute_seconds, asynchronous=False)
 

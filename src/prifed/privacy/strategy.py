@@ -10,6 +10,7 @@ post-processing and spends no privacy.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -54,6 +55,31 @@ class PrivateStrategy(Strategy):
             logger.info("dp: site-level, noise multiplier %.4g, clip %g, noise "
                         "added by %s", self.settings.noise_multiplier,
                         self.settings.clip_norm, self.settings.noise_placement)
+
+    def check_instructions(self, params: Mapping[str, np.ndarray],
+                           sites: Sequence[str], supported: Iterable[str]) -> None:
+        """Raise NotSupportedError, before the first round, for what sites cannot apply.
+
+        A copy of the wrapped strategy configures round 1; a config key that
+        DP training would ignore (FedProx's proximal term) or an extra tensor
+        (SCAFFOLD's control variates) would change the algorithm silently.
+        """
+        probe = copy.deepcopy(self.inner)
+        probe.initialize(params, self.trainable or params)
+        allowed = set(supported)
+        for instruction in probe.configure_train(1, params, sites,
+                                                 np.random.default_rng(0)):
+            unknown = sorted(set(instruction.config) - allowed)
+            if unknown:
+                raise NotSupportedError(
+                    f"strategy {self.inner.name!r} sends config key {unknown[0]!r}, "
+                    "which DP training at the sites does not apply; use fedavg or "
+                    "a server optimiser")
+            if instruction.extra:
+                raise NotSupportedError(
+                    f"strategy {self.inner.name!r} sends extra tensors to the "
+                    "sites, which DP training does not use; use fedavg or a "
+                    "server optimiser")
 
     @property
     def coordinator_adds_noise(self) -> bool:
