@@ -41,7 +41,7 @@ def init_policy(
         help="comma-separated DP modes the site accepts: record, site")
     ] = "record,site",
     min_noise_multiplier: Annotated[float, typer.Option(
-        help="least noise multiplier the site accepts")] = 0.0,
+        help="minimum noise multiplier the site accepts")] = 0.0,
     overwrite: Annotated[bool, typer.Option(help="replace an existing policy")
                          ] = False,
 ) -> None:

@@ -32,7 +32,7 @@ from prifed.training.local import make_optimizer
 
 @dataclass(frozen=True)
 class DPSGDRound:
-    """What one round of DP-SGD did: its mechanism and how many steps were empty."""
+    """Outcome of one round of DP-SGD: its mechanism and the number of empty steps."""
 
     event: GaussianEvent
     empty_steps: int
@@ -44,7 +44,7 @@ class DPSGDTrainer:
 
     ``generator`` drives both the Poisson sampling and the noise. Seed it from
     the operating system's entropy in deployment; a fixed seed makes a
-    simulation reproducible, and anyone who knows it can remove the noise.
+    simulation reproducible, and anyone who has the seed can remove the noise.
     """
 
     def __init__(self, features: np.ndarray, labels: np.ndarray,

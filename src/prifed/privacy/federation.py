@@ -66,7 +66,7 @@ class PrivacyOptions:
     """DP settings of a simulation, as ``prifed simulate`` takes them.
 
     ``clip_norm`` defaults to :data:`DEFAULT_CLIP` of the mode.
-    ``site_root`` is the folder that holds one privacy folder per site.
+    ``site_root`` is the folder that contains one privacy folder per site.
     ``epsilon_limit`` goes into the policy files the simulation writes for
     sites that have none; it defaults to ``epsilon`` (no limit when only a
     noise multiplier is given). ``run_id`` labels the run in the ledgers.
@@ -144,7 +144,7 @@ def site_folder(root: Path, site: str) -> Path:
 
 
 def check_model(model_factory: Callable[[], nn.Module], mode: str) -> None:
-    """Refuse, before the first round, a model that DP-SGD cannot train."""
+    """Raise UnsupportedLayerError, before round 1, for a model DP-SGD cannot train."""
     if mode == "record":
         model = model_factory()
         model.train()
@@ -185,7 +185,7 @@ RoundProgress = Callable[[int, dict[str, dict[str, float]], dict[str, float]], N
 
 @dataclass
 class PrivateRun:
-    """What a DP run produced: test metrics per round, final model, history."""
+    """Results of a DP run: test metrics per round, final model, history."""
 
     label: str
     curve: list[dict[str, dict[str, float]]]
@@ -310,7 +310,7 @@ def log_round_privacy(record: RoundRecord, num_rounds: int) -> None:
     refused = [site for site, reason in record.failures.items()
                if reason.startswith(BudgetExhausted.__name__)]
     if refused:
-        logger.warning("privacy %s: %d sites refused to train on their budget: %s",
+        logger.warning("privacy %s: %d sites rejected the round on their budget: %s",
                        label, len(refused), ", ".join(sorted(refused)))
 
 

@@ -20,7 +20,7 @@ MODES = ("record", "site")
 """record: DP-SGD on each site; site: DP-FedAvg on clipped updates."""
 
 NOISE_PLACEMENTS = ("coordinator", "sites")
-"""Who adds DP-FedAvg's noise: the coordinator, or every site a share of it."""
+"""Placement of DP-FedAvg's noise: at the coordinator, or a share at every site."""
 
 CONFIG_KEY = "dp"
 """Key of the settings in a training instruction's config."""

@@ -1,4 +1,4 @@
-"""The coordinator side of DP: a strategy wrapper that asks sites for DP rounds.
+"""The coordinator side of DP: a strategy wrapper that requests DP rounds.
 
 :class:`PrivateStrategy` wraps a strategy that needs only the mean of the
 replies. It adds the DP settings to every training instruction and, in

@@ -1,4 +1,4 @@
-"""Check, before any training, that DP-SGD can train a model as it stands.
+"""Check, before any training, that DP-SGD can train a model unchanged.
 
 Opacus's :class:`~opacus.validators.ModuleValidator` knows which layers break
 per-sample gradients, but its messages do not say where the layer sits. This
