@@ -268,3 +268,16 @@ def check_params(params: CKKSParams) -> None:
             "or let PriFed choose the parameters")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class HomomorphicSettings:
+    """The federation bounds that fix the CKKS parameters of a run.
+
+    ``max_weight`` defaults to the largest number of training rows of any
+    site, which is each site's weight in FedAvg.
+    """
+
+    value_range: float = DEFAULT_VALUE_RANGE
+    precision: float = DEFAULT_PRECISION
+    max_weight: float | None = None
