@@ -177,6 +177,15 @@ def simulate(
         help="folder with one privacy folder (policy, ledger) per site; reuse "
              "it to keep spending the same budgets (default: <run folder>/sites)")
     ] = None,
+    homomorphic: Annotated[bool, typer.Option(
+        help="aggregate with CKKS homomorphic encryption: the coordinator adds "
+             "ciphertexts and never sees an update or the model")] = False,
+    he_value_range: Annotated[float, typer.Option(
+        help="with --homomorphic: bound on each value of a site's update; "
+             "values beyond it are clipped and counted")] = 1.0,
+    he_precision: Annotated[float, typer.Option(
+        help="with --homomorphic: largest absolute error of each value of the "
+             "aggregated mean")] = 1e-6,
     out: Annotated[Optional[Path], typer.Option(
         help="run folder (default: runs/<time>-<strategy>)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
@@ -185,6 +194,7 @@ def simulate(
 ) -> None:
     """Simulate a federation in one process and compare it with baselines."""
     from prifed.data.partition import PartitionSpec
+    from prifed.he.params import HomomorphicSettings
     from prifed.privacy.federation import PrivacyOptions
     from prifed.report import results_table, write_run_folder
     from prifed.simclock import SiteProfile
@@ -215,7 +225,9 @@ def simulate(
         privacy=PrivacyOptions(dp, epsilon, delta, noise_multiplier, clip_norm,
                                epsilon_limit=epsilon_limit,
                                site_root=str(privacy_dir or folder / "sites"),
-                               run_id=folder.name))
+                               run_id=folder.name),
+        homomorphic=(HomomorphicSettings(he_value_range, he_precision)
+                     if homomorphic else None))
     config.validate()
     with_baselines = baselines and not config.privacy.enabled
     methods = len(config.strategy_specs()) + (2 if with_baselines else 0)

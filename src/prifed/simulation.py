@@ -13,8 +13,9 @@ from prifed.core.engine import RoundRecord
 from prifed.core.params import ParameterSet
 from prifed.data.partition import PartitionSpec
 from prifed.data.tabular import TableSpec
-from prifed.errors import ConfigError
+from prifed.errors import ConfigError, NotSupportedError
 from prifed.federated import RunSettings, personal_curve, run_federated
+from prifed.he.params import HomomorphicSettings
 from prifed.log import get_logger
 from prifed.privacy.federation import PrivacyOptions, run_private_spec
 from prifed.simclock import SiteProfile
@@ -67,6 +68,8 @@ class SimulationConfig:
     step_seconds: float = 0.01
     partition: PartitionSpec = field(default_factory=PartitionSpec)
     privacy: PrivacyOptions = field(default_factory=PrivacyOptions)
+    homomorphic: HomomorphicSettings | None = None
+    """CKKS aggregation of the updates when set; None aggregates in the clear."""
 
     def validate(self) -> None:
         """Check ranges before any work starts."""
@@ -94,6 +97,9 @@ class SimulationConfig:
         self.personalization()
         self.privacy.validate(len(specs), bool(self.personal_layers
                                                or self.finetune_steps))
+        if self.homomorphic is not None and self.privacy.enabled:
+            raise NotSupportedError("homomorphic aggregation does not run with DP "
+                                    "in a simulation yet; choose one of them")
 
     def strategy_specs(self) -> list[StrategySpec]:
         """Return the strategies to compare, parsed from ``strategy``."""
@@ -170,7 +176,12 @@ def run_simulation(config: SimulationConfig,
             if progress is not None:
                 progress(label, server_round, mean_metrics(metrics) | (privacy or {}))
 
-        if config.privacy.enabled:
+        if config.homomorphic is not None:
+            from prifed.he.simulate import run_homomorphic_spec
+
+            run = run_homomorphic_spec(spec, sites, factory, settings,
+                                       config.homomorphic, on_round)
+        elif config.privacy.enabled:
             run = run_private_spec(spec, sites, factory, settings, config.privacy,
                                    on_round)
         else:
