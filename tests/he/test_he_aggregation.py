@@ -91,7 +91,7 @@ def test_multi_tensor_layout_roundtrips() -> None:
     np.testing.assert_array_equal(back["w"], params["w"])
 
 
-def test_weight_above_max_weight_is_refused(site_key: FederationKey) -> None:
+def test_weight_above_max_weight_is_rejected(site_key: FederationKey) -> None:
     layout = Layout.of({"x": np.zeros(3)}, site_key.params.slots)
     with pytest.raises(Exception, match="must be in \\(0, 1000\\]"):
         encrypt_update(site_key, layout, "a", 1, {"x": np.zeros(3)}, 1001.0, "b0")

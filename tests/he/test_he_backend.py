@@ -54,6 +54,6 @@ def test_rejected_reply_names_site(site_key: FederationKey,
                                 "b": "no reply"}
 
 
-def test_check_refuses_more_sites_than_the_key(coord_key: FederationKey) -> None:
+def test_check_rejects_too_many_sites(coord_key: FederationKey) -> None:
     with pytest.raises(ConfigError, match="prifed he keygen --sites 9"):
         CKKSBackend(coord_key).check(9, {})

@@ -29,7 +29,7 @@ def test_keygen_writes_site_and_coordinator_files(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / SITE_FILE).stat().st_mode) == 0o600
 
 
-def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
+def test_keygen_rejects_overwrite(tmp_path: Path) -> None:
     args = ["keygen", "--sites", "2", "--out", str(tmp_path)]
     assert runner.invoke(he_app, args).exit_code == 0
     second = runner.invoke(he_app, args)
@@ -69,7 +69,7 @@ def test_export_coordinator_from_site_context(tmp_path: Path) -> None:
     assert not read_key_file(out).has_secret_key
 
 
-def test_params_refuses_unreachable_precision() -> None:
+def test_params_rejects_unreachable_precision() -> None:
     result = runner.invoke(he_app, ["params", "--sites", "100", "--precision",
                                     "1e-12"])
     assert isinstance(result.exception, ConfigError)

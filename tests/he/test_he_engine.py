@@ -103,7 +103,7 @@ def test_fedprox_mu_reaches_the_sites() -> None:
     assert np.abs(plain["w"] - fedavg["w"]).max() > 1e-3
 
 
-def test_coordinator_with_secret_key_refuses_to_start() -> None:
+def test_secret_coordinator_context_rejected() -> None:
     _, wrapped = homomorphic_federation(FedAvg(), {}, clients(), initial(),
                                         ["w", "b"])
     with pytest.raises(ConfigError, match="contains the secret key"):
@@ -144,7 +144,7 @@ def test_tampered_reply_is_rejected_by_engine() -> None:
     assert engine.history[0].accepted == ["cleveland", "hungary"]
 
 
-def test_strategy_needing_clear_updates_is_refused() -> None:
+def test_strategy_needing_clear_updates_is_rejected() -> None:
     class Scaffoldish(FedAvg):
         name = "scaffold"
 

@@ -86,7 +86,7 @@ def test_coordinator_context_cannot_export_site_context(
         site_context_bytes(coord_key)
 
 
-def test_coordinator_refuses_a_secret_context(site_key: FederationKey) -> None:
+def test_coordinator_rejects_secret_context(site_key: FederationKey) -> None:
     layout = Layout.of({"x": np.zeros(5)}, site_key.params.slots)
     with pytest.raises(ConfigError, match="contains the secret key"):
         EncryptedSum(site_key, layout, 1)

@@ -45,7 +45,7 @@ def test_finer_precision_needs_larger_scale() -> None:
     assert fine.scale_bits - coarse.scale_bits in (13, 14)
 
 
-def test_precision_below_float64_decoding_is_refused() -> None:
+def test_precision_below_float64_decoding_is_rejected() -> None:
     with pytest.raises(ConfigError) as error:
         select_params(100, 1.0, 1e-12, 1e4)
     message = str(error.value)

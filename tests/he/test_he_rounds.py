@@ -115,7 +115,7 @@ def test_missed_aggregate_is_detected(site_key: FederationKey,
         behind.apply(relay)
 
 
-def test_clear_model_after_start_is_refused(site_key: FederationKey) -> None:
+def test_clear_model_after_start_is_rejected(site_key: FederationKey) -> None:
     site = HESite("a", site_key)
     site.receive(initial_model())
     changed = initial_model()

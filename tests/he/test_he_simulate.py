@@ -32,7 +32,7 @@ def test_heart_job_matches_plain_run() -> None:
         assert sealed_final[site]["accuracy"] == metrics["accuracy"]
 
 
-def test_homomorphic_with_dp_is_refused(tmp_path: Path) -> None:
+def test_homomorphic_with_dp_is_rejected(tmp_path: Path) -> None:
     config = heart_config(homomorphic=HomomorphicSettings(),
                           privacy=PrivacyOptions("record", epsilon=1.0,
                                                  site_root=str(tmp_path)))

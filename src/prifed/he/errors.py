@@ -4,7 +4,7 @@
     └── DecryptionError    a site cannot decrypt an aggregate (names the site)
 
 The coordinator rejects a site's ciphertexts with
-:class:`prifed.errors.UpdateRejected`, which also names the site, and refuses
+:class:`prifed.errors.UpdateRejected`, which also names the site, and rejects
 unworkable parameters with :class:`prifed.errors.ConfigError`.
 """
 
