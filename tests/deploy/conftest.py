@@ -9,10 +9,11 @@ import pytest
 
 
 @functools.lru_cache(maxsize=4)
-def _simulated(rounds: int, local_steps: int, lr: float) -> dict[str, np.ndarray]:
+def _simulated(rounds: int, local_steps: int, lr: float,
+               strategy: str = "fedavg") -> dict[str, np.ndarray]:
     from prifed.simulation import SimulationConfig, run_simulation
 
-    config = SimulationConfig(model="logreg", strategy="fedavg", rounds=rounds,
+    config = SimulationConfig(model="logreg", strategy=strategy, rounds=rounds,
                               local_steps=local_steps, batch_size=4, lr=lr,
                               optimizer="sgd", standardize="federated",
                               test_fraction=0.34, seed=42, baselines=False)
@@ -21,5 +22,5 @@ def _simulated(rounds: int, local_steps: int, lr: float) -> dict[str, np.ndarray
 
 @pytest.fixture(scope="session")
 def simulated():
-    """Return the final model of ``prifed simulate`` for (rounds, steps, lr)."""
+    """Return the final model of ``prifed simulate`` for rounds, steps, lr, strategy."""
     return _simulated

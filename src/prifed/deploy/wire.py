@@ -49,7 +49,7 @@ def decompress(data: bytes, limit: int, what: str = "payload") -> bytes:
     except zstandard.ZstdError:
         raise RequestRejected(400, "malformed_payload",
                               f"{what} is not a zstandard frame") from None
-    if size in _UNKNOWN_SIZE:
+    if size < 0 or size in _UNKNOWN_SIZE:
         raise RequestRejected(400, "malformed_payload",
                               f"{what}'s zstandard frame must declare its content "
                               "size")
