@@ -19,6 +19,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from prifed.data.tabular import TableSpec
 from prifed.deploy.cli import register as register_deploy
 from prifed.errors import PriFedError
+from prifed.fhir.cli import data_app
 from prifed.he.cli import he_app
 from prifed.privacy.cli import privacy_app
 
@@ -279,6 +280,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 register_deploy(app)
+app.add_typer(data_app, name="data")
 app.add_typer(he_app, name="he")
 app.add_typer(privacy_app, name="privacy")
 
