@@ -406,3 +406,18 @@ def test_client_repeats_reply_on_retry() -> None:
     # A different request after the last phase is still rejected.
     with pytest.raises(ProtocolError, match="round 1 is finished"):
         clients["site-000"].handle(dict(requests["site-000"], survivors=["site-000"]))
+
+
+def test_repeated_public_key_rejected() -> None:
+    reference, updates, samples = make_round(4, 10, seed=22)
+    server = SecAggServer(1, site_names(4), reference, FULL)
+    requests = server.start()
+    clients = clients_for(updates, samples, reference)
+    first = clients["site-000"].handle(requests["site-000"])
+    server.receive("site-000", first)
+    copied = dict(clients["site-001"].handle(requests["site-001"]),
+                  s_pk=first["s_pk"])
+    with pytest.raises(MessageRejected, match="public key already advertised by "
+                       "site 'site-000'") as caught:
+        server.receive("site-001", copied)
+    assert caught.value.site == "site-001"

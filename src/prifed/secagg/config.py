@@ -110,10 +110,11 @@ def neighbourhoods(sites: Sequence[str], degree: int,
         return {site: [other for other in sites if other != site] for site in sites}
     rng = np.random.default_rng(int.from_bytes(seed, "big"))
     ring = [sites[i] for i in rng.permutation(count)]
+    order = {site: i for i, site in enumerate(sites)}
+    steps = range(1, degree // 2 + 1)
     result: dict[str, list[str]] = {}
     for position, site in enumerate(ring):
-        steps = range(1, degree // 2 + 1)
         near = [ring[(position + s) % count] for s in steps]
         near += [ring[(position - s) % count] for s in steps]
-        result[site] = sorted(set(near), key=sites.index)
+        result[site] = sorted(set(near), key=order.__getitem__)
     return result

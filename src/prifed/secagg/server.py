@@ -89,6 +89,7 @@ class SecAggServer:
         self._replied: set[str] = set()
         self._failed: dict[str, str] = {}
         self._keys: dict[str, tuple[bytes, bytes]] = {}
+        self._key_owners: dict[bytes, str] = {}
         self._ciphertexts: dict[str, dict[str, bytes]] = {}
         self._invalid: dict[str, set[str]] = {}
         self._delivered: set[str] = set()
@@ -197,13 +198,15 @@ class SecAggServer:
         probe = X25519PrivateKey.generate()
         for key in (channel, masking):
             crypto.pair_key(probe, key, "check", self.session, 0, site, site)
-        seen = {key: owner for owner, pair in self._keys.items() for key in pair}
         for key in (channel, masking):
-            if key in seen:
-                raise ValueError(f"public key already advertised by site {seen[key]!r}")
+            if key in self._key_owners:
+                raise ValueError("public key already advertised by site "
+                                 f"{self._key_owners[key]!r}")
         if channel == masking:
             raise ValueError("the two public keys must differ")
         self._keys[site] = (channel, masking)
+        self._key_owners[channel] = site
+        self._key_owners[masking] = site
 
     def _take_shares(self, site: str, reply: Message) -> None:
         ciphertexts = bytes_by_site(reply, "ciphertexts", CIPHERTEXT_BYTES)
