@@ -41,7 +41,7 @@ RoundProgress = Callable[[int, Mapping[str, Mapping[str, float]]], None]
 
 @dataclass
 class RunSettings:
-    """What every strategy of a comparison shares: training, sites, time."""
+    """Settings every strategy of a comparison shares: training, sites, time."""
 
     rounds: int
     local_config: dict[str, Any]
@@ -51,6 +51,9 @@ class RunSettings:
     personalization: Personalization = field(default_factory=Personalization)
     profiles: dict[str, SiteProfile] = field(default_factory=dict)
     step_seconds: float = 0.01
+    evaluate_every: int = 1
+    """Synchronous runs score the global model every this many rounds and
+    after the last; asynchronous runs score it after every server update."""
 
 
 @dataclass
@@ -107,13 +110,14 @@ def _run_sync(spec: StrategySpec, strategy: Any, clients: list[SiteClient],
     times: list[float] = []
 
     def on_round(record: RoundRecord) -> None:
-        curve.append(record.eval_metrics)
-        times.append(transport.clock.now)
+        if record.eval_metrics:
+            curve.append(record.eval_metrics)
+            times.append(transport.clock.now)
         if progress is not None:
             progress(record.server_round, record.eval_metrics)
 
     engine = RoundEngine(strategy, transport, settings.rounds, seed=settings.seed,
-                         on_round=on_round)
+                         evaluate_every=settings.evaluate_every, on_round=on_round)
     final = engine.run(params, trainable)
     compute = sum(m.get("train_seconds", 0.0) for r in engine.history
                   for m in r.train_metrics.values())

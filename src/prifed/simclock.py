@@ -5,7 +5,7 @@ Time here is simulated seconds, not the time the simulation takes. A task of
 only ratios between sites matter. Availability cuts time into windows of
 ``window_seconds``; in each window a site is online with probability
 ``availability``, drawn from a generator seeded by the run seed, the site's
-index and the window, so every run with the same seed sees the same
+index and the window, so every run with the same seed gets the same
 schedule. A site starts a task only while online and, once started, finishes
 it (a site going offline mid-task is not modelled).
 
@@ -39,8 +39,11 @@ _MAX_WAIT_WINDOWS = 100_000
 
 @dataclass(frozen=True)
 class SiteProfile:
-    """How fast a site trains (1.0 is nominal, 0.1 ten times slower) and how often
-    it is online (a fraction of time windows)."""
+    """A site's relative training speed and its share of online time windows.
+
+    Speed 1.0 is nominal and 0.1 ten times slower; availability 0.5 means the
+    site is online in about half of the windows.
+    """
 
     speed: float = 1.0
     availability: float = 1.0

@@ -103,7 +103,7 @@ def test_buffer_of_two_weights_samples_and_staleness():
 def test_reply_checks_and_task_bookkeeping():
     strategy = started(buffer_size=5)
     instruction, _ = strategy.dispatch("a")
-    with pytest.raises(UpdateRejected, match="holds no task"):
+    with pytest.raises(UpdateRejected, match="no task outstanding"):
         strategy.submit(answer(instruction, 1.0, 1.0, 1).__class__(
             "b", 0, dict(SCALAR), 1))
     bad = answer(instruction, float("nan"), 1.0, 1)
@@ -117,7 +117,7 @@ def test_reply_checks_and_task_bookkeeping():
         strategy.submit(wrong)
 
 
-def test_versions_kept_only_while_a_site_trains_on_them():
+def test_unused_model_versions_are_dropped():
     strategy = started(buffer_size=1)
     slow, _ = strategy.dispatch("slow")
     for step in range(5):

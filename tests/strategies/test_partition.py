@@ -17,7 +17,9 @@ def positive_shares(sites, labels, num_sites):
 def test_every_row_gets_one_site_with_both_classes():
     spec = PartitionSpec("dirichlet", num_sites=5, alpha=0.1, min_per_class=3, seed=1)
     sites = assign_sites(LABELS, spec)
-    assert sites.shape == LABELS.shape and sites.min() == 0 and sites.max() == 4
+    assert sites.shape == LABELS.shape
+    assert sites.min() == 0
+    assert sites.max() == 4
     for site in range(5):
         for label in (0, 1):
             assert ((sites == site) & (LABELS == label)).sum() >= 3
@@ -68,6 +70,7 @@ def test_heart_rows_dealt_to_synthetic_sites():
     assert [s.name for s in sites] == ["synthetic-1", "synthetic-2", "synthetic-3"]
     # 740 usable heart rows, all dealt, none twice.
     assert sum(s.train_y.size + s.test_y.size for s in sites) == 740
-    assert "SYNTHETIC" in spec.describe() and "not real hospitals" in spec.describe()
+    assert "SYNTHETIC" in spec.describe()
+    assert "not real hospitals" in spec.describe()
     with pytest.raises(ConfigError, match="made up"):
         prepare_sites(None, None, seed=42, sites=["Hungary"], partition=spec)

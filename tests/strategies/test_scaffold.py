@@ -110,7 +110,8 @@ def test_coordinator_update_matches_hand_computation():
     # x = [1, 2] + 0.5 * ([0.5, 3.5] - [1, 2]) = [0.75, 2.75]
     np.testing.assert_allclose(new["w"], [0.75, 2.75])
     # The counter is averaged: (10 * 4 + 30 * 8) / 40 = 7.
-    assert int(new["n"]) == 7 and new["n"].dtype == np.int64
+    assert int(new["n"]) == 7
+    assert new["n"].dtype == np.int64
     # c = (10 * [1, -1] + 30 * [0.2, 0.6]) / 40 = [0.4, 0.2]
     np.testing.assert_allclose(strategy.control["w"], [0.4, 0.2], rtol=1e-6)
 

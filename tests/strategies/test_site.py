@@ -86,7 +86,8 @@ def test_personalised_metrics_beside_global():
     first = site.evaluate(params).metrics
     again = site.evaluate(params).metrics
     for key in ("accuracy", "auc", "loss"):
-        assert key in first and f"personal_{key}" in first
+        assert key in first
+        assert f"personal_{key}" in first
     assert first["personal_loss"] != first["loss"]
     # Fine-tuning has its own generator: evaluating twice gives the same result.
     assert again["personal_loss"] == first["personal_loss"]

@@ -45,7 +45,7 @@ def apply_server_step(params: Mapping[str, np.ndarray],
                       steps: Mapping[str, np.ndarray]) -> ParameterSet:
     """Return ``mean`` with each stepped tensor replaced by ``params + step``.
 
-    ``steps`` holds float64 increments for the stepped tensors only; every
+    ``steps`` contains float64 increments for the stepped tensors only; every
     other tensor keeps the weighted mean of the replies. Results are cast
     back to the global model's dtypes.
     """
@@ -130,7 +130,7 @@ def state_from_bytes(data: bytes) -> dict[str, Any]:
 
 def _read_metadata(data: bytes) -> dict[str, str]:
     # A safetensors file opens with the header length (u64, little endian)
-    # and a JSON header whose "__metadata__" entry holds the string metadata.
+    # and a JSON header whose "__metadata__" entry contains the string metadata.
     if len(data) < 8:
         raise ConfigError(f"state is {len(data)} bytes; too short for "
                           "a safetensors file")

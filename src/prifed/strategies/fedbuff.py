@@ -2,7 +2,7 @@
 
 Sites train whenever they can, each from the global model as it was when it
 took its task (its *version*). The coordinator adds each reply to a buffer as
-it arrives and, once the buffer holds ``buffer_size`` replies, moves the
+it arrives and, once the buffer has ``buffer_size`` replies, moves the
 current model x and clears the buffer. A reply built on version ``v`` while
 the model is at version ``t`` has staleness ``t - v`` and weight
 ``s = (1 + staleness) ** -staleness_exponent`` (0.5 gives the paper's
@@ -27,8 +27,8 @@ How a coordinator drives it (the same calls in simulation and deployment):
    the new global model when the buffer filled, else None;
 4. when a site's task is abandoned (timeout, disconnect): ``cancel(site)``.
 
-A site holds at most one task: dispatching to a site that still holds one
-cancels the earlier task. The coordinator keeps one copy of the model per
+A site has at most one task: dispatching to a site that still holds one
+cancels the earlier one. The coordinator keeps one copy of the model per
 version that some site still trains from, so memory grows with the number of
 sites, not with time. In the synchronous round engine (``aggregate_train``)
 every reply has staleness 0 and FedBuff is FedAvg with a server learning rate.
@@ -193,14 +193,14 @@ class FedBuff(Strategy):
     def submit(self, reply: TrainReply) -> ParameterSet | None:
         """Buffer one reply; return the new global model when the buffer filled.
 
-        Raises UpdateRejected when the site holds no task at the reply's
-        version, or the update fails the checks of the synchronous path. The
+        Raises UpdateRejected when no task is outstanding for the site at the
+        reply's version, or the update fails the checks of the synchronous path. The
         site's task ends either way.
         """
         version = self._require_started()
         started_from = self.outstanding.pop(reply.site, None)
         if started_from is None:
-            raise UpdateRejected(reply.site, "site holds no task")
+            raise UpdateRejected(reply.site, "no task outstanding for this site")
         base = self.versions[started_from]
         self._forget_unused_versions()
         if reply.server_round != started_from:

@@ -3,7 +3,7 @@
 A site that keeps a layer local (FedBN keeps normalisation layers, FedPer
 the head) loads its own copy of that layer over the global one before
 training and evaluation, and sends the global copy back unchanged, so the
-coordinator never sees the local values. Fine-tuning trains a copy of the
+local values never reach the coordinator. Fine-tuning trains a copy of the
 personalised model for a few steps on the site's training rows before it is
 evaluated; it never changes what the site sends.
 """
@@ -20,7 +20,7 @@ from prifed.errors import ConfigError
 
 @dataclass(frozen=True)
 class Personalization:
-    """What a site keeps local and how it fine-tunes before evaluating.
+    """The layers a site keeps local and its fine-tuning before evaluation.
 
     ``local_layers`` are tensor names or module prefixes (``layers.1`` matches
     ``layers.1.weight`` and ``layers.1.running_mean``). ``finetune_lr`` and
