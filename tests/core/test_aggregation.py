@@ -43,3 +43,14 @@ def test_zero_weight_is_rejected():
 def test_result_without_weight_raises():
     with pytest.raises(ValueError, match="total weight is zero"):
         WeightedMean({"w": np.zeros(2)}).result()
+
+
+def test_safetensors_round_trip_keeps_0d_tensors():
+    from prifed.core.params import params_from_bytes, params_to_bytes
+
+    params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3).T,
+              "n": np.array(5, np.int64)}
+    restored = params_from_bytes(params_to_bytes(params))
+    assert restored["n"].shape == ()
+    assert restored["n"].dtype == np.int64
+    np.testing.assert_array_equal(restored["w"], params["w"])

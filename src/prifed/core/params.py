@@ -37,7 +37,10 @@ def num_values(params: Mapping[str, np.ndarray]) -> int:
 def params_to_bytes(params: Mapping[str, np.ndarray],
                     metadata: dict[str, str] | None = None) -> bytes:
     """Serialise a parameter set to safetensors bytes (never pickle)."""
-    contiguous = {k: np.ascontiguousarray(v) for k, v in params.items()}
+    # np.ascontiguousarray would turn a 0-d tensor (a batch-norm counter) into
+    # shape (1,), so copy in C order only where needed.
+    contiguous = {k: np.asarray(v) if np.asarray(v).flags.c_contiguous
+                  else np.array(v, order="C") for k, v in params.items()}
     return bytes(_st_save(contiguous, metadata=metadata))
 
 
