@@ -146,3 +146,19 @@ def test_server_optimiser_runs_under_dp(sites, tmp_path):
                          factory(), 1, 7, privacy)
     assert result.label == "fedadam+dp-site"
     assert sorted(result.history[0].accepted) == sorted(s.name for s in sites)
+
+
+def test_summary_reads_infinity_sent_as_null(tmp_path):
+    from prifed.core.engine import RoundRecord
+
+    record = RoundRecord(1, ["a", "b"], accepted=["a", "b"])
+    base = {"dp_delta": 1e-3, "dp_noise_multiplier": 0.0, "dp_sample_rate": 0.1,
+            "dp_epsilon_limit": None}
+    record.train_metrics = {"a": base | {"dp_epsilon": None},
+                            "b": base | {"dp_epsilon": 2.5}}
+    summary = privacy_summary([record], PrivacyOptions(
+        mode="record", noise_multiplier=0.0, site_root=str(tmp_path)))
+    assert summary["per_site"]["a"]["epsilon"] == "inf"
+    assert summary["per_site"]["b"]["epsilon"] == 2.5
+    assert summary["federation"]["epsilon"] == "inf"
+    json.dumps(summary, allow_nan=False)

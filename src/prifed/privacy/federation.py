@@ -294,7 +294,7 @@ def _secure_transport(mode: str, strategy: PrivateStrategy, inner: Any,
 
 def round_privacy(record: RoundRecord) -> dict[str, float]:
     """Return the largest epsilon any site reported this round, if any."""
-    spent = [m["dp_epsilon"] for m in record.train_metrics.values()
+    spent = [_reported(m["dp_epsilon"]) for m in record.train_metrics.values()
              if "dp_epsilon" in m]
     return {"epsilon": max(spent)} if spent else {}
 
@@ -305,7 +305,7 @@ def log_round_privacy(record: RoundRecord, num_rounds: int) -> None:
     for site, metrics in sorted(record.train_metrics.items()):
         if "dp_epsilon" in metrics:
             logger.info("privacy %s: site %s has spent epsilon %s at delta %g",
-                        label, site, format_epsilon(metrics["dp_epsilon"]),
+                        label, site, format_epsilon(_reported(metrics["dp_epsilon"])),
                         metrics["dp_delta"])
     refused = [site for site, reason in record.failures.items()
                if reason.startswith(BudgetExhausted.__name__)]
@@ -333,9 +333,9 @@ def privacy_summary(history: Sequence[RoundRecord], options: PrivacyOptions
                 continue
             entry = per_site.setdefault(site, {"rounds_trained": 0})
             entry["rounds_trained"] += 1
-            entry["epsilon"] = metrics["dp_epsilon"]
+            entry["epsilon"] = _reported(metrics["dp_epsilon"])
             entry["delta"] = metrics["dp_delta"]
-            entry["epsilon_limit"] = metrics["dp_epsilon_limit"]
+            entry["epsilon_limit"] = _reported(metrics["dp_epsilon_limit"])
             entry["noise_multiplier"] = metrics["dp_noise_multiplier"]
             entry["sample_rate"] = metrics["dp_sample_rate"]
             at_sites = at_sites or metrics.get("dp_noise_at_sites", 0.0) > 0
@@ -360,6 +360,11 @@ def privacy_summary(history: Sequence[RoundRecord], options: PrivacyOptions
                             else value for key, value in entry.items()}
                      for site, entry in sorted(per_site.items())},
     }
+
+
+def _reported(value: float | None) -> float:
+    # A JSON transport sends infinities as null; both mean "no finite value".
+    return math.inf if value is None else float(value)
 
 
 def _json_float(value: float) -> float | str:
