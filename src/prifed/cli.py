@@ -187,6 +187,10 @@ def simulate(
     he_precision: Annotated[float, typer.Option(
         help="with --homomorphic: largest absolute error of each value of the "
              "aggregated mean")] = 1e-6,
+    secure_aggregation: Annotated[str, typer.Option(
+        help="mask site updates so the coordinator sees only their weighted "
+             "sum: off, secagg (every site masks with every other) or secagg+ "
+             "(with about 4 log2(n) neighbours)")] = "off",
     out: Annotated[Optional[Path], typer.Option(
         help="run folder (default: runs/<time>-<strategy>)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
@@ -228,7 +232,8 @@ def simulate(
                                site_root=str(privacy_dir or folder / "sites"),
                                run_id=folder.name),
         homomorphic=(HomomorphicSettings(he_value_range, he_precision)
-                     if homomorphic else None))
+                     if homomorphic else None),
+        secure_aggregation=secure_aggregation)
     config.validate()
     with_baselines = baselines and not config.privacy.enabled
     methods = len(config.strategy_specs()) + (2 if with_baselines else 0)

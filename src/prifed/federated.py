@@ -54,6 +54,8 @@ class RunSettings:
     evaluate_every: int = 1
     """Synchronous runs score the global model every this many rounds and
     after the last; asynchronous runs score it after every server update."""
+    secure_aggregation: str = "off"
+    """off, secagg or secagg+: sites send a masked sum, never their updates."""
 
 
 @dataclass
@@ -105,14 +107,20 @@ def run_federated(spec: StrategySpec, sites: Sequence[PreparedSite],
 def _run_sync(spec: StrategySpec, strategy: Any, clients: list[SiteClient],
               timeline: SiteTimeline, params: ParameterSet, trainable: list[str],
               settings: RunSettings, progress: RoundProgress | None) -> FederatedRun:
-    transport = TimedTransport(InProcessTransport(clients), timeline)
+    timed = TimedTransport(InProcessTransport(clients), timeline)
+    transport: Any = timed
+    if settings.secure_aggregation != "off":
+        from prifed.secagg.transport import secure_transport
+
+        transport = secure_transport(settings.secure_aggregation, strategy, timed,
+                                     params, settings.sites_per_round)
     curve: Curve = []
     times: list[float] = []
 
     def on_round(record: RoundRecord) -> None:
         if record.eval_metrics:
             curve.append(record.eval_metrics)
-            times.append(transport.clock.now)
+            times.append(timed.clock.now)
         if progress is not None:
             progress(record.server_round, record.eval_metrics)
 

@@ -69,6 +69,7 @@ class SimulationConfig:
     partition: PartitionSpec = field(default_factory=PartitionSpec)
     privacy: PrivacyOptions = field(default_factory=PrivacyOptions)
     homomorphic: HomomorphicSettings | None = None
+    secure_aggregation: str = "off"
     """CKKS aggregation of the updates when set; None aggregates in the clear."""
 
     def validate(self) -> None:
@@ -100,6 +101,23 @@ class SimulationConfig:
         if self.homomorphic is not None and self.privacy.enabled:
             raise NotSupportedError("homomorphic aggregation does not run with DP "
                                     "in a simulation yet; choose one of them")
+        self._check_secure_aggregation(specs)
+
+    def _check_secure_aggregation(self, specs: list[StrategySpec]) -> None:
+        from prifed.secagg.transport import MODES, check_strategy
+
+        mode = self.secure_aggregation
+        if mode not in MODES:
+            raise ConfigError(f"secure_aggregation must be one of "
+                              f"{', '.join(MODES)}; got {mode!r}")
+        if mode == "off":
+            return
+        if self.homomorphic is not None or self.privacy.enabled:
+            other = "homomorphic aggregation" if self.homomorphic else "DP"
+            raise NotSupportedError(f"secure aggregation does not run with {other} "
+                                    "in a simulation yet; choose one of them")
+        for spec in specs:
+            check_strategy(mode, STRATEGIES[spec.name])
 
     def strategy_specs(self) -> list[StrategySpec]:
         """Return the strategies to compare, parsed from ``strategy``."""
@@ -165,7 +183,8 @@ def run_simulation(config: SimulationConfig,
     settings = RunSettings(config.rounds, config.local_config(), config.seed,
                            config.sites_per_round, dict(config.strategy_options),
                            config.personalization(), dict(config.site_profiles),
-                           config.step_seconds)
+                           config.step_seconds,
+                           secure_aggregation=config.secure_aggregation)
     methods: list[MethodResult] = []
     models: dict[str, ParameterSet] = {}
     histories: list[list[RoundRecord]] = []
