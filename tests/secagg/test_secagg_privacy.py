@@ -67,7 +67,7 @@ def test_coordinator_cannot_recover_update(count: int, config: SecAggConfig,
     delivered = [site for site in sites if site in masked]
     assert set(server.result().sites) == set(delivered)
 
-    # 1. The coordinator never holds a mask-key share of a site that delivered,
+    # 1. The coordinator never receives a mask-key share of a site that delivered,
     #    so it cannot rebuild that site's pairwise masks.
     for reply in reveals.values():
         assert not set(reply["key_shares"]) & set(delivered)

@@ -382,7 +382,7 @@ def test_client_never_reveals_both_shares() -> None:
     request["dropped"] = ["site-001"]
     with pytest.raises(ProtocolError, match="listed as delivered and dropped"):
         clients["site-000"].handle(request)
-    # A failed request ends the site's round: it answers nothing more.
+    # A failed request ends the site's round, so later requests are rejected.
     with pytest.raises(ProtocolError, match="round 1 is finished"):
         clients["site-000"].handle(requests["site-000"])
 
