@@ -80,6 +80,7 @@ class RoundsSection(_Section):
     attempts: int = Field(3, ge=1)
     evaluate_deadline_seconds: float = Field(120.0, gt=0)
     setup_deadline_seconds: float = Field(900.0, gt=0)
+    ordered_replies: bool = True
 
 
 class CoordinatorSection(_Section):
@@ -93,6 +94,7 @@ class CoordinatorSection(_Section):
     long_poll_seconds: float = Field(25.0, gt=0, le=300)
     linger_seconds: float = Field(60.0, ge=0)
     keep_updates: bool = False
+    max_connections: int | None = Field(None, ge=1)
 
 
 class LimitsSection(_Section):

@@ -13,6 +13,7 @@ the updates already accepted in the open one.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import math
 import os
@@ -86,7 +87,8 @@ class Coordinator:
         self.models = ModelShelf(config.state_dir / "models", {
             "format": wire.MODEL_FORMAT, "model": training.model,
             "strategy": training.strategy})
-        self.transport = NetworkTransport(self.store, config, self.board, self.models)
+        self.transport = NetworkTransport(self.store, config, self.board, self.models,
+                                          ordered=config.rounds.ordered_replies)
         self.initial_model = None if initial_model is None else dict(initial_model)
         self.port = config.coordinator.port if port is None else port
         self.app: FastAPI = build_app(config, self.store, self.transport, self.board,
@@ -109,8 +111,10 @@ class Coordinator:
             self.app, host=self.config.coordinator.host, port=self.port,
             ssl_keyfile=str(pki.server_key), ssl_certfile=str(pki.server_cert),
             log_config=None, access_log=False, lifespan="on",
-            timeout_graceful_shutdown=5, timeout_keep_alive=30)
+            timeout_graceful_shutdown=5, timeout_keep_alive=30,
+            limit_concurrency=self.config.coordinator.max_connections)
         self.server = uvicorn.Server(settings)
+        release_large_buffers()
         logger.info("coordinator: federation %s, %d sites, %d rounds, state in %s",
                     self.config.federation.name, len(self.config.federation.sites),
                     self.config.training.rounds, self.config.state_dir)
@@ -396,6 +400,25 @@ def strategy_reply_check(strategy: Any) -> ReplyCheck:
             check_reply(reply, params)
 
     return check
+
+
+_M_MMAP_THRESHOLD = -3
+"""glibc's mallopt parameter number for the mmap threshold (malloc.h)."""
+
+
+def release_large_buffers() -> None:
+    """Make glibc mmap every allocation of 1 MiB or more, so freeing one returns it.
+
+    By default glibc raises its mmap threshold after the first large block is
+    freed and then keeps update-sized buffers in its heaps, so the resident
+    memory of the coordinator would grow with the number of updates it has
+    checked. Does nothing where libc.so.6 is not glibc or not found.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        return
 
 
 def _import_models() -> None:
