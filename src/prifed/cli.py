@@ -249,6 +249,12 @@ def simulate(
             bar.update(task, advance=1, description=f"{method} round "
                        f"{server_round}/{rounds}",
                        metric=f"mean acc {accuracy:.3f}{spent}")
+            if not console.is_terminal:
+                # A progress bar shows nothing in a pipe or a CI log.
+                done = int(bar.tasks[0].completed)
+                console.print(f"{method} round {server_round}/{rounds}: mean "
+                              f"accuracy {accuracy:.3f}{spent} ({done}/"
+                              f"{rounds * methods} rounds done)", highlight=False)
 
         result = run_simulation(config, progress)
     paths = write_run_folder(result, folder)
@@ -256,7 +262,8 @@ def simulate(
     wide = Console(width=1000)
     needed = Measurement.get(wide, wide.options, table).maximum
     Console(width=max(Console().width, 110, needed)).print(table)
-    console.print(f"run folder: {folder} ({', '.join(p.name for p in paths.values())})")
+    names = [p.name for p in paths.values()] + ["run.log"]
+    console.print(f"run folder: {folder} ({', '.join(names)})")
 
 
 def run(argv: list[str] | None = None) -> int:

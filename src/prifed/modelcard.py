@@ -45,9 +45,11 @@ def model_card(summary: dict[str, Any]) -> str:
     means = [f"{_fmt(methods[m]['mean']['accuracy'])} / "
              f"{_fmt(methods[m]['mean']['auc'])}" for m in methods]
     lines.append("| **mean** | | | " + " | ".join(means) + " |")
-    lines += ["", "`pooled` trains on all sites' rows in one place: an upper "
-              "reference, not a federated model. `local` is each site's own "
-              "model on its own test set.", "", "## Risks and limitations", ""]
+    if "pooled" in methods:
+        lines += ["", "`pooled` trains on all sites' rows in one place: an upper "
+                  "reference, not a federated model. `local` is each site's own "
+                  "model on its own test set."]
+    lines += ["", "## Risks and limitations", ""]
     lines += [f"- {risk}" for risk in risks(summary)]
     privacy = summary.get("privacy")
     lines += ["", "## Privacy", ""]

@@ -75,13 +75,32 @@ def write_run_folder(result: SimulationResult, folder: Path) -> dict[str, Path]:
     data = summary(result)
     paths["summary.json"].write_text(json.dumps(data, indent=2, allow_nan=False))
     _write_rounds(result, paths["rounds.csv"])
-    metadata = {"format": "prifed-model-1", "model": result.config.model,
-                "strategy": result.config.strategy,
-                "preprocessor": json.dumps(result.sites[0].preprocessor.to_dict())}
-    paths["model.safetensors"].write_bytes(params_to_bytes(result.model, metadata))
+    paths["model.safetensors"].write_bytes(
+        params_to_bytes(result.model, model_metadata(result)))
     _plot(result, paths["metrics.png"])
     paths["MODEL_CARD.md"].write_text(model_card(data))
     return paths
+
+
+def model_metadata(result: SimulationResult) -> dict[str, str]:
+    """Describe the model and its preprocessing in one metadata entry.
+
+    One JSON entry keeps the file byte-identical run after run: safetensors
+    writes several metadata keys in no fixed order. With ``standardize=site``
+    every site's preprocessor is kept, because each applies its own.
+    """
+    config = result.config
+    preprocessors = {s.name: s.preprocessor.to_dict() for s in result.sites}
+    description = {
+        "format": "prifed-model-1", "model": config.model,
+        "strategy": config.strategy, "standardize": config.standardize,
+        "feature_names": result.sites[0].preprocessor.feature_names,
+    }
+    if config.standardize == "site":
+        description["preprocessors"] = preprocessors
+    else:
+        description["preprocessor"] = preprocessors[result.sites[0].name]
+    return {"prifed": json.dumps(description, sort_keys=True)}
 
 
 def _write_rounds(result: SimulationResult, path: Path) -> None:

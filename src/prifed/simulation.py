@@ -175,6 +175,9 @@ def run_simulation(config: SimulationConfig,
     split_seed = config.seed if config.split_seed is None else config.split_seed
     sites = prepare_sites(config.data, config.spec, split_seed, config.test_fraction,
                           config.standardize, config.sites, config.partition)
+    if config.sites_per_round is not None and config.sites_per_round > len(sites):
+        raise ConfigError(f"sites_per_round must be at most the {len(sites)} sites; "
+                          f"got {config.sites_per_round}")
     num_features = sites[0].train_x.shape[1]
 
     def factory() -> Any:
@@ -253,7 +256,10 @@ def run_baselines(config: SimulationConfig, sites: list[PreparedSite],
         started = time.perf_counter()
         curve = trainer(sites, config.model, config.rounds, baseline_config,
                         config.seed, on_round)
-        results.append(MethodResult(method, curve, time.perf_counter() - started, note))
+        seconds = time.perf_counter() - started
+        logger.info("baseline %s: done, mean accuracy %.3f in %.2f s", method,
+                    mean_metrics(curve[-1])["accuracy"], seconds)
+        results.append(MethodResult(method, curve, seconds, note))
     return results
 
 

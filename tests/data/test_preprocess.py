@@ -52,3 +52,13 @@ def test_unknown_mode_is_config_error():
     stats = {n: site_statistics(n, f, ["x"], []) for n, f in frames().items()}
     with pytest.raises(ConfigError, match="standardize must be one of"):
         build_preprocessors(stats, ["x"], [], "global")
+
+
+def test_large_offset_keeps_exact_std():
+    rng = np.random.default_rng(0)
+    values = 1.7e9 + rng.uniform(0, 1, size=200)
+    a = pd.DataFrame({"t": values[:120]})
+    b = pd.DataFrame({"t": values[120:]})
+    stats = [site_statistics("a", a, ["t"], []), site_statistics("b", b, ["t"], [])]
+    merged = merge_statistics(stats, ["t"], [])
+    assert merged.stds["t"] == pytest.approx(values.std(), rel=1e-6)

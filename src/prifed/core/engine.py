@@ -77,7 +77,8 @@ class RoundEngine:
         instructions = self.strategy.configure_train(
             server_round, params, self.transport.site_ids(), self.rng)
         record = RoundRecord(server_round, [i.site for i in instructions])
-        logger.info("fit %s: sampled %d sites", label, len(instructions))
+        logger.info("fit %s: sampled %d sites (%s)", label, len(instructions),
+                    ", ".join(record.sites))
 
         if isinstance(self.transport, SecureSumTransport):
             new_params = self._train_secure(label, server_round, params,
@@ -99,6 +100,7 @@ class RoundEngine:
         if server_round % self.evaluate_every == 0 or server_round == self.num_rounds:
             self._evaluate(server_round, new_params, record)
         record.seconds = time.perf_counter() - started
+        logger.info("%s done in %.3f s", label, record.seconds)
         self.history.append(record)
         if self.on_round is not None:
             self.on_round(record)
@@ -166,6 +168,10 @@ class RoundEngine:
         for reply in self.transport.evaluate(server_round, params, sites):
             if isinstance(reply, EvaluateReply):
                 record.eval_metrics[reply.site] = dict(reply.metrics)
+                logger.info("evaluate %s: site %s, %d test rows, accuracy %.3f",
+                            round_label(server_round, self.num_rounds), reply.site,
+                            reply.num_samples,
+                            reply.metrics.get("accuracy", float("nan")))
             else:
                 logger.warning("evaluate %s: site %s failed: %s",
                                round_label(server_round, self.num_rounds),

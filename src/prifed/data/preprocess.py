@@ -1,8 +1,11 @@
 """Federated preprocessing: statistics per site, merged without pooling rows.
 
-Each site computes counts, sums and sums of squares of its numeric training
-columns and the set of categories it holds. The coordinator merges those
-aggregates into one standardiser and one vocabulary; no row leaves its site.
+Each site computes, per numeric training column, the count, the sum and the sum
+of squared deviations from its own mean, and per categorical column the set of
+categories it holds. The coordinator merges those aggregates into one
+standardiser and one vocabulary with the parallel variance formula of Chan,
+Golub and LeVeque, which stays exact for values with a large offset; no row
+leaves its site.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ class SiteStatistics:
     num_rows: int
     count: dict[str, int] = field(default_factory=dict)
     total: dict[str, float] = field(default_factory=dict)
-    total_squares: dict[str, float] = field(default_factory=dict)
+    squared_deviations: dict[str, float] = field(default_factory=dict)
+    """Per column, the sum of squared deviations from the site's own mean."""
     levels: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -39,7 +43,8 @@ def site_statistics(site: str, rows: pd.DataFrame, numeric: Sequence[str],
         values = pd.to_numeric(rows[column], errors="coerce").dropna().to_numpy(float)
         stats.count[column] = int(values.size)
         stats.total[column] = float(values.sum())
-        stats.total_squares[column] = float(np.square(values).sum())
+        mean = values.mean() if values.size else 0.0
+        stats.squared_deviations[column] = float(np.square(values - mean).sum())
     for column in categorical:
         stats.levels[column] = sorted(set(category_strings(rows[column])))
     return stats
@@ -100,9 +105,14 @@ def merge_statistics(stats: Sequence[SiteStatistics], numeric: Sequence[str],
             means[column], stds[column] = 0.0, 1.0
             continue
         mean = sum(s.total[column] for s in stats) / count
-        variance = sum(s.total_squares[column] for s in stats) / count - mean ** 2
+        spread = 0.0
+        for s in stats:
+            if s.count[column]:
+                site_mean = s.total[column] / s.count[column]
+                spread += (s.squared_deviations[column]
+                           + s.count[column] * (site_mean - mean) ** 2)
         means[column] = mean
-        stds[column] = _safe_std(variance)
+        stds[column] = _safe_std(spread / count)
     vocabulary = {column: sorted({lvl for s in stats for lvl in s.levels[column]})
                   for column in categorical}
     return Preprocessor(list(numeric), list(categorical), means, stds, vocabulary)
@@ -116,9 +126,8 @@ def site_preprocessor(federation: Preprocessor, own: SiteStatistics) -> Preproce
         if count == 0:
             means[column], stds[column] = 0.0, 1.0
             continue
-        mean = own.total[column] / count
-        means[column] = mean
-        stds[column] = _safe_std(own.total_squares[column] / count - mean ** 2)
+        means[column] = own.total[column] / count
+        stds[column] = _safe_std(own.squared_deviations[column] / count)
     return Preprocessor(federation.numeric, federation.categorical, means, stds,
                         federation.vocabulary)
 
@@ -137,5 +146,6 @@ def build_preprocessors(stats: Mapping[str, SiteStatistics], numeric: Sequence[s
 
 
 def _safe_std(variance: float) -> float:
+    """Return the standard deviation, or 1.0 for a constant column."""
     std = float(np.sqrt(max(variance, 0.0)))
-    return std if std > 1e-12 else 1.0
+    return std if std > 0.0 else 1.0

@@ -6,6 +6,9 @@ first, and every later step (train/test split, statistics) runs per site.
 
 from __future__ import annotations
 
+import csv
+import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,8 +17,17 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from prifed.errors import DataError
+from prifed.log import get_logger
+
+logger = get_logger(__name__)
 
 MIN_SITE_ROWS = 4
+NUMERIC_SHARE = 0.9
+"""Share of parsable numbers above which a text column is taken as a typo'd number."""
+MAX_LEVELS = 50
+IDENTIFIER_SHARE = 0.2
+"""A categorical column with over MAX_LEVELS levels and over this share of
+distinct values per row looks like an identifier."""
 
 
 @dataclass
@@ -41,11 +53,28 @@ class SiteFrames:
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV file, with a clear error when it is missing or unreadable."""
+    """Read a CSV file, detecting its delimiter, with clear errors.
+
+    Comma, semicolon, tab and pipe are recognised from the first lines. A
+    header that names a column twice is an error, not a silent rename.
+    """
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; expected a CSV file")
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     try:
-        table = pd.read_csv(path)
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            sample = handle.read(65536)
+    except UnicodeDecodeError:
+        sample = path.read_bytes()[:65536].decode("latin-1")
+    delimiter = _detect_delimiter(sample)
+    header = next(csv.reader(io.StringIO(sample), delimiter=delimiter), [])
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(f"column {repeated[0]!r} appears more than once in the "
+                        f"header of {path}; give each column a unique name")
+    try:
+        table = pd.read_csv(path, sep=delimiter)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise DataError(f"cannot read {path} as CSV: {error}") from None
     if table.empty:
@@ -53,39 +82,111 @@ def read_table(path: Path) -> pd.DataFrame:
     return table
 
 
+def _detect_delimiter(sample: str) -> str:
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+    except csv.Error:
+        return ","
+
+
 def resolve_features(table: pd.DataFrame, spec: TableSpec) -> tuple[list[str], list[str]]:
     """Return the numeric and categorical feature columns, declared or detected.
 
-    Undeclared columns are numeric when pandas reads them as numbers (booleans
-    excepted) and categorical otherwise.
+    Undeclared columns are numeric when their values are numbers (booleans
+    excepted) and categorical otherwise. A column that is mostly numbers with
+    some text, a declared numeric column with text, an empty column, or a
+    categorical column with so many levels that it looks like an identifier is
+    an error naming the column.
     """
-    for role, column in (("site column", spec.site_column), ("label", spec.label)):
-        if column not in table.columns:
-            raise DataError(f"{role} {column!r} not found; columns are "
-                            f"{', '.join(map(str, table.columns))}")
-    declared = list(spec.numeric or []) + list(spec.categorical or []) + spec.drop
-    unknown = [c for c in declared if c not in table.columns]
-    if unknown:
-        raise DataError(f"column {unknown[0]!r} not found; columns are "
-                        f"{', '.join(map(str, table.columns))}")
+    _check_declared(table, spec)
     reserved = {spec.site_column, spec.label, *spec.drop}
-    if spec.numeric is not None and spec.categorical is not None:
-        return list(spec.numeric), list(spec.categorical)
     numeric, categorical = list(spec.numeric or []), list(spec.categorical or [])
     for column in table.columns:
         if column in reserved or column in numeric or column in categorical:
             continue
-        series = table[column]
-        is_number = (pd.api.types.is_numeric_dtype(series)
-                     and not pd.api.types.is_bool_dtype(series))
-        if spec.numeric is None and is_number:
-            numeric.append(column)
-        elif spec.categorical is None and not is_number:
+        if _looks_numeric(table[column], column):
+            if spec.numeric is None:
+                numeric.append(column)
+        elif spec.categorical is None:
             categorical.append(column)
     if not numeric and not categorical:
         raise DataError("no feature columns left after removing the site, label "
                         "and dropped columns")
+    for column in numeric:
+        _check_numeric(table[column], column)
+    for column in numeric + categorical:
+        if table[column].isna().all():
+            raise DataError(f"column {column!r} has no values in any row; --drop it")
+        if table[column].nunique(dropna=True) == 1:
+            logger.warning("data: column %s has one value in every row; it carries "
+                           "no information", column)
+    for column in categorical:
+        _check_levels(table[column], column)
     return numeric, categorical
+
+
+def _check_declared(table: pd.DataFrame, spec: TableSpec) -> None:
+    columns = ", ".join(map(str, table.columns))
+    for role, column in (("site column", spec.site_column), ("label", spec.label)):
+        if column not in table.columns:
+            raise DataError(f"{role} {column!r} not found; columns are {columns}")
+    declared = list(spec.numeric or []) + list(spec.categorical or []) + spec.drop
+    unknown = [c for c in declared if c not in table.columns]
+    if unknown:
+        raise DataError(f"column {unknown[0]!r} not found; columns are {columns}")
+    for role, column in (("site column", spec.site_column), ("label", spec.label)):
+        if column in declared:
+            raise DataError(f"the {role} {column!r} cannot also be a feature or "
+                            "be dropped")
+    both = set(spec.numeric or []) & set(spec.categorical or [])
+    if both:
+        raise DataError(f"column {sorted(both)[0]!r} is declared both numeric and "
+                        "categorical")
+
+
+def _looks_numeric(series: pd.Series, column: str) -> bool:
+    if pd.api.types.is_bool_dtype(series):
+        return False
+    if pd.api.types.is_numeric_dtype(series):
+        return True
+    present = series.dropna()
+    if present.map(lambda value: isinstance(value, (bool, np.bool_))).any():
+        return False  # true/false with gaps: pandas keeps it as objects
+    parsed = pd.to_numeric(present, errors="coerce")
+    if len(present) and parsed.notna().mean() >= NUMERIC_SHARE:
+        line = _first_text_line(series)
+        raise DataError(f"column {column!r} is mostly numbers but line {line} holds "
+                        "text; correct the value, or declare the column with "
+                        "--categorical")
+    return False
+
+
+def _check_numeric(series: pd.Series, column: str) -> None:
+    if pd.api.types.is_bool_dtype(series):
+        raise DataError(f"column {column!r} is declared numeric but holds "
+                        "true/false values; declare it with --categorical")
+    if pd.api.types.is_numeric_dtype(series):
+        return
+    line = _first_text_line(series)
+    if line is not None:
+        raise DataError(f"column {column!r} is declared numeric but line {line} "
+                        "holds text; correct the value or leave the cell empty")
+
+
+def _first_text_line(series: pd.Series) -> int | None:
+    """Return the file line (header is line 1) of the first non-numeric value."""
+    parsed = pd.to_numeric(series, errors="coerce")
+    bad = np.flatnonzero((parsed.isna() & series.notna()).to_numpy())
+    return int(bad[0]) + 2 if bad.size else None
+
+
+def _check_levels(series: pd.Series, column: str) -> None:
+    levels = series.nunique(dropna=True)
+    if levels > MAX_LEVELS and levels > IDENTIFIER_SHARE * series.notna().sum():
+        raise DataError(f"column {column!r} has {levels} distinct values in "
+                        f"{series.notna().sum()} rows, like an identifier or free "
+                        "text; its values would be shared in the vocabulary, so "
+                        "--drop it or declare it with --numeric")
 
 
 def binary_labels(table: pd.DataFrame, spec: TableSpec) -> pd.Series:
@@ -104,6 +205,9 @@ def binary_labels(table: pd.DataFrame, spec: TableSpec) -> pd.Series:
         raise DataError(f"label {spec.label!r} must be numeric; a non-numeric value "
                         f"is on line {row} of the file")
     if spec.label_threshold is not None:
+        if not math.isfinite(spec.label_threshold):
+            raise DataError("label threshold must be a finite number; got "
+                            f"{spec.label_threshold}")
         return (values >= spec.label_threshold).astype(int).where(values.notna())
     distinct = set(values.dropna().unique())
     if not distinct <= {0, 1}:
@@ -112,28 +216,57 @@ def binary_labels(table: pd.DataFrame, spec: TableSpec) -> pd.Series:
     return values
 
 
+def site_names(series: pd.Series) -> pd.Series:
+    """Return site names as text; whole numbers read as floats lose their ".0"."""
+    if pd.api.types.is_float_dtype(series):
+        present = series.dropna()
+        if (present == present.round()).all():
+            return series.astype("Int64").astype(str).where(series.notna())
+    return series.astype(str).where(series.notna())
+
+
 def split_sites(table: pd.DataFrame, spec: TableSpec, features: list[str],
                 sites: list[str] | None = None) -> dict[str, pd.DataFrame]:
-    """Cut the table by site, keeping the order in which sites first appear."""
+    """Cut the table by site, keeping the order in which sites first appear.
+
+    Rows without a label (and, with ``drop_incomplete``, rows with a missing
+    feature) are dropped and counted per site; a site left with no usable
+    rows is an error naming it.
+    """
     table = table.copy()
+    table["__site__"] = site_names(table[spec.site_column])
     table["__label__"] = binary_labels(table, spec)
-    table = table[table["__label__"].notna()]
+    all_names = [str(s) for s in pd.unique(table["__site__"].dropna())]
+    usable = table["__site__"].notna() & table["__label__"].notna()
     if spec.drop_incomplete:
-        table = table.dropna(subset=features)
-    names = [str(s) for s in pd.unique(table[spec.site_column].dropna())]
+        usable &= table[features].notna().all(axis=1)
     if sites is not None:
-        unknown = [s for s in sites if s not in names]
+        unknown = [s for s in sites if s not in all_names]
         if unknown:
             raise DataError(f"site {unknown[0]!r} not found in column "
-                            f"{spec.site_column!r}; sites are {', '.join(names)}")
-        names = list(sites)
-    by_site = {name: table[table[spec.site_column].astype(str) == name]
-               for name in names}
-    for name, rows in by_site.items():
+                            f"{spec.site_column!r}; sites are {', '.join(all_names)}")
+        names = list(dict.fromkeys(sites))
+    else:
+        names = all_names
+    if len(names) < 2:
+        raise DataError(f"federated training needs at least 2 sites; {len(names)} "
+                        f"selected of the {len(all_names)} in column "
+                        f"{spec.site_column!r}")
+    by_site = {}
+    for name in names:
+        at_site = table["__site__"] == name
+        rows = table[at_site & usable]
+        dropped = int(at_site.sum()) - len(rows)
+        if dropped:
+            logger.warning("data: site %s: %d of %d rows dropped (missing label%s)",
+                           name, dropped, int(at_site.sum()),
+                           " or feature" if spec.drop_incomplete else "")
+        if rows.empty:
+            raise DataError(f"site {name!r} has no usable rows: all "
+                            f"{int(at_site.sum())} have a missing label"
+                            f"{' or feature' if spec.drop_incomplete else ''}")
         check_site(name, rows)
-    if len(by_site) < 2:
-        raise DataError(f"federated training needs at least 2 sites; column "
-                        f"{spec.site_column!r} has {len(by_site)}")
+        by_site[name] = rows
     return by_site
 
 

@@ -2,7 +2,7 @@
 
 The site reads its CSV, keeps its rows (by the site column, when the file
 holds several sites), splits them with the federation's seed and computes the
-statistics that leave the site: counts, sums, sums of squares and category
+statistics that leave the site: counts, sums, squared deviations and category
 sets. After the coordinator merges every site's statistics, the site builds
 its features and its :class:`~prifed.training.client.SiteClient` from the
 preprocessor the coordinator sends back.

@@ -1,8 +1,9 @@
 """The statistics a site shares before round 1, as the coordinator validates them.
 
 Only aggregates of a site's training rows: the row count, per numeric column
-its count, sum and sum of squares, and per categorical column the set of
-levels present. The coordinator merges them into the shared preprocessor.
+its count, sum and sum of squared deviations from the site's mean, and per
+categorical column the set of levels present. The coordinator merges them
+into the shared preprocessor.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class StatisticsBody(BaseModel):
     categorical: list[str] = Field(max_length=10_000)
     count: dict[str, int]
     total: dict[str, float]
-    total_squares: dict[str, float]
+    squared_deviations: dict[str, float]
     levels: dict[str, list[str]]
 
 
@@ -44,7 +45,7 @@ def parse_statistics(site: str, body: bytes) -> StatisticsBody:
         raise RequestRejected(422, "invalid_statistics",
                               f"statistics name site {stats.site!r} but were sent by "
                               f"site {site!r}")
-    for field_name in ("count", "total", "total_squares"):
+    for field_name in ("count", "total", "squared_deviations"):
         keys = set(getattr(stats, field_name))
         if keys != set(stats.numeric):
             raise RequestRejected(422, "invalid_statistics",
@@ -52,9 +53,9 @@ def parse_statistics(site: str, body: bytes) -> StatisticsBody:
                                   "have one entry per numeric column")
     for column in stats.numeric:
         values = (stats.count[column], stats.total[column],
-                  stats.total_squares[column])
+                  stats.squared_deviations[column])
         if not all(math.isfinite(v) for v in values) or stats.count[column] < 0 \
-                or stats.total_squares[column] < 0:
+                or stats.squared_deviations[column] < 0:
             raise RequestRejected(422, "invalid_statistics",
                                   f"statistics of site {site!r}: column {column!r} "
                                   "must have a count >= 0 and finite sums")
@@ -70,5 +71,5 @@ def to_site_statistics(stats: StatisticsBody) -> Any:
     from prifed.data.preprocess import SiteStatistics
 
     return SiteStatistics(stats.site, stats.num_rows, dict(stats.count),
-                          dict(stats.total), dict(stats.total_squares),
+                          dict(stats.total), dict(stats.squared_deviations),
                           {k: list(v) for k, v in stats.levels.items()})
