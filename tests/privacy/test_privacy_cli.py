@@ -105,3 +105,15 @@ def test_dp_with_batch_norm_fails_before_training(tmp_path, capsys):
     assert status == 2
     assert "layer 'layers.1' (BatchNorm1d)" in output
     assert "GroupNorm" in output
+
+
+def test_site_level_with_secure_aggregation(tmp_path):
+    folder = tmp_path / "run"
+    status = cli.run(["simulate", *FAST, "--dp", "site", "--noise-multiplier", "2",
+                      "--delta", "1e-3", "--secure-aggregation", "secagg+",
+                      "--out", str(folder)])
+    assert status == 0
+    privacy = json.loads((folder / "summary.json").read_text())["privacy"]
+    assert "secure aggregation" in privacy["trust"]
+    expected = compute_epsilon([GaussianEvent(2.0, 1.0, 1)] * 2, 1e-3)
+    assert privacy["federation"]["epsilon"] == pytest.approx(expected, rel=1e-5)

@@ -247,14 +247,15 @@ def run_private_spec(spec: Any, sites: Sequence[PreparedSite],
                      model_factory: Callable[[], nn.Module], settings: Any,
                      options: PrivacyOptions,
                      progress: RoundProgress | None = None,
-                     secure_aggregation: str = "off") -> Any:
+                     secure_aggregation: str | None = None) -> Any:
     """Run one strategy of a simulation with DP; return a ``FederatedRun``.
 
     ``spec`` and ``settings`` are the simulation's
     :class:`~prifed.strategies.StrategySpec` and
     :class:`~prifed.federated.RunSettings`. Rounds run in wall-clock time:
     simulated site speeds and availability do not apply to DP runs.
-    ``secure_aggregation`` (off, secagg, secagg+) masks the updates.
+    ``secure_aggregation`` (off, secagg, secagg+) masks the updates; it
+    defaults to the mode in ``settings``.
     """
     from prifed.federated import FederatedRun
     from prifed.strategies import STRATEGIES, build_strategy, strategy_options
@@ -267,6 +268,8 @@ def run_private_spec(spec: Any, sites: Sequence[PreparedSite],
     chosen.update(spec.options)
     strategy = build_strategy(spec.name, sites_per_round=settings.sites_per_round,
                               local_config=settings.local_config, **chosen)
+    if secure_aggregation is None:
+        secure_aggregation = getattr(settings, "secure_aggregation", "off")
     run = run_private(strategy, sites, model_factory, settings.rounds, settings.seed,
                       options, secure_aggregation, progress,
                       getattr(settings, "evaluate_every", 1))
