@@ -112,10 +112,10 @@ class SimulationConfig:
                               f"{', '.join(MODES)}; got {mode!r}")
         if mode == "off":
             return
-        if self.homomorphic is not None or self.privacy.enabled:
-            other = "homomorphic aggregation" if self.homomorphic else "DP"
-            raise NotSupportedError(f"secure aggregation does not run with {other} "
-                                    "in a simulation yet; choose one of them")
+        if self.homomorphic is not None:
+            raise NotSupportedError("secure aggregation does not run with "
+                                    "homomorphic aggregation in a simulation yet; "
+                                    "choose one of them")
         for spec in specs:
             check_strategy(mode, STRATEGIES[spec.name])
 
