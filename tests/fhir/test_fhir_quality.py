@@ -10,7 +10,13 @@ import pytest
 
 from fhir_cases import FIXTURES, ICD10, make_spec
 from prifed.errors import ConfigError, DataError
-from prifed.fhir import load_site_table, load_spec, merge_reports, parse_report
+from prifed.fhir import (
+    load_report,
+    load_site_table,
+    load_spec,
+    merge_reports,
+    parse_report,
+)
 from prifed.fhir.quality import FeatureCounts, LabelCounts, PatientCounts, QualityReport
 
 SPEC = make_spec()
@@ -53,6 +59,45 @@ def test_received_report_validated(edit, field: str) -> None:
     assert field in str(raised.value)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["patients"].update(in_table=10**9),
+     "patients.in_table (1000000000) must be at most patients.eligible (100)"),
+    (lambda d: d["patients"].update(eligible=101),
+     "patients.eligible (101) must be at most patients.read (100)"),
+    (lambda d: d["patients"].update(excluded={"no_follow_up": 101}),
+     "patients.excluded sums to 101; it must be at most patients.read (100)"),
+    (lambda d: d["label"].update(positive=21),
+     "label.positive + label.negative (91) must equal patients.in_table (90)"),
+    (lambda d: d["features"]["glucose"].update(missing=11),
+     "features.glucose.present + missing (101) must equal patients.eligible (100)"),
+    (lambda d: d["features"]["glucose"].update(nonzero=91),
+     "features.glucose.nonzero (91) must be at most its present (90)"),
+    (lambda d: d["patients"].update(read=True), "patients.read: Input should be a "
+                                                "valid integer (int_type)"),
+    (lambda d: d["label"].update(positive=20.0), "label.positive: Input should be "
+                                                 "a valid integer (int_type)"),
+])
+def test_inconsistent_report_rejected(tmp_path: Path, edit, message: str) -> None:
+    data = json.loads(report("north").to_json())
+    edit(data)
+    path = tmp_path / "north-quality.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(DataError) as raised:
+        load_report(path)
+    assert str(raised.value).startswith(f"invalid quality report {path}: ")
+    assert message in str(raised.value)
+
+
+def test_non_json_report_names_file_and_position(tmp_path: Path) -> None:
+    path = tmp_path / "east-quality.json"
+    path.write_text('{"site": "east",\n oops}', encoding="utf-8")
+    with pytest.raises(DataError) as raised:
+        load_report(path)
+    assert str(raised.value).startswith(f"invalid quality report {path}: (document): "
+                                        "Invalid JSON")
+    assert "line 2 column 2" in str(raised.value)
+
+
 def test_merge_totals_and_features() -> None:
     federation = merge_reports([report("a", positive=10), report("b", positive=30)])
     rows = federation.rows()
@@ -81,7 +126,7 @@ def test_merge_rejects_repeated_site() -> None:
 def test_warnings_name_site() -> None:
     federation = merge_reports([
         report("good1"), report("good2"),
-        report("sparse", present=20, missing=80),
+        report("sparse", present=20, missing=80, nonzero=10),
         report("uncoded", nonzero=0),
         report("oneclass", positive=0),
     ])

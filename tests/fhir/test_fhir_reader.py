@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from fhir_cases import FIXTURES, day, make_spec, observation, patient
 from prifed.errors import DataError
 from prifed.fhir import load_site_table
+from prifed.fhir import reader
 from prifed.fhir.reader import discover, iter_items
 
 
@@ -112,3 +114,72 @@ def test_synthea_patients_ndjson() -> None:
     items = list(iter_items(FIXTURES / "synthea" / "Patient.ndjson.gz", "p"))
     assert len(items) == len(raw) == 25
     assert [item.data["id"] for item in items] == [r["id"] for r in raw]
+
+
+def oversize_cases(tmp_path: Path) -> Path:
+    small = json.dumps(patient("p1"))
+    big = json.dumps(patient("p2", text={"status": "generated", "div": "A" * 500}))
+    exact = json.dumps(patient("p3")).ljust(len(big) - 1)
+    path = tmp_path / "Patient.ndjson"
+    path.write_text(f"{small}\n{big}\n{exact}\n{big}", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1024 * 1024])
+def test_oversize_ndjson_line_skipped(tmp_path: Path, chunk: int,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reader, "_CHUNK", chunk)
+    path = oversize_cases(tmp_path)
+    limit = len(path.read_text().splitlines()[1]) - 1
+    items = list(iter_items(path, "Patient.ndjson", max_bytes=limit))
+    assert [(item.position, item.error, item.data and item.data["id"])
+            for item in items] == [
+        ("line 1", None, "p1"),
+        ("line 2", "resource_too_large", None),
+        ("line 3", None, "p3"),
+        ("line 4", "resource_too_large", None),
+    ]
+
+
+def test_oversize_line_not_held_in_memory(tmp_path: Path) -> None:
+    path = tmp_path / "Observation.ndjson"
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write(json.dumps(patient("p1")) + "\n")
+        handle.write('{"resourceType":"Observation","note":[{"text":"')
+        handle.write("A" * (32 * 1024 * 1024) + '"}]}\n')
+        handle.write(json.dumps(patient("p2")) + "\n")
+    tracemalloc.start()
+    try:
+        items = list(iter_items(path, "o", max_bytes=1024 * 1024))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [item.error for item in items] == [None, "resource_too_large", None]
+    assert peak < 8 * 1024 * 1024
+
+
+def test_oversize_json_file_and_bundle_entry(tmp_path: Path) -> None:
+    note = {"text": {"status": "generated", "div": "A" * 300_000}}
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps(patient("p1", **note)))
+    assert [(item.position, item.error) for item in iter_items(
+        single, "single.json", max_bytes=200_000)] == [("file", "resource_too_large")]
+
+    path = tmp_path / "b.json"
+    path.write_text(bundle([patient("p1"), patient("p2", **note), patient("p3")]))
+    items = list(iter_items(path, "b.json", max_bytes=200_000))
+    assert [(item.position, item.error) for item in items] == [
+        ("entry 1", None), ("entry 2", "resource_too_large")]
+    assert len(list(iter_items(path, "b.json", max_bytes=400_000))) == 3
+
+
+def test_oversize_line_counted_as_rejection(tmp_path: Path) -> None:
+    path = oversize_cases(tmp_path)
+    limit = len(path.read_text().splitlines()[1]) - 1
+    rows, report = load_site_table(path, make_spec(), site="n",
+                                   max_resource_bytes=limit)
+    assert len(rows) == 2
+    assert [(r.resource_type, r.reason, r.element, r.count)
+            for r in report.rejections] == [
+        ("(undecoded)", "resource_too_large", "(root)", 2)]
+    assert report.resources_read == {"(undecoded)": 2, "Patient": 2}

@@ -105,7 +105,7 @@ def test_record_level_problems(tmp_path: Path) -> None:
         ("Observation", "excluded_status", "status"): 1,
         ("Observation", "subject_not_patient", "subject"): 1,
         ("Observation", "no_patient_reference", "subject"): 1,
-        ("Observation", "unknown_element", "context"): 1,
+        ("Observation", "unknown_element", "(root)"): 1,
         ("Observation", "missing_element", "status"): 1,
         ("Condition", "excluded_status", "verificationStatus"): 1,
         ("Encounter", "no_date", "period.start"): 1,
@@ -178,7 +178,43 @@ def test_malformed_element_name_not_shared(tmp_path: Path) -> None:
     ])
     assert "Jane" not in report.to_json()
     assert rejections_of(report) == {
-        ("Observation", "unknown_element", "(unrecognised)"): 1}
+        ("Observation", "unknown_element", "(root)"): 1}
+
+
+def test_unknown_element_name_stays_in_local_log(tmp_path: Path) -> None:
+    # A key that passes the element-name pattern is still free text.
+    nested = patient("p2", name=[{"family": "Doe", "secretNote42": "x"}])
+    _, report, log = run(tmp_path, [
+        patient("p1", maryPoppinsMRN12345="x"), nested,
+        {**observation("o1", "p1", "2345-7", 90.0, "mg/dL", day(-1)),
+         "context": {"reference": "Encounter/e1"}},
+    ])
+    shared = report.to_json()
+    assert "maryPoppins" not in shared and "secretNote42" not in shared
+    assert rejections_of(report) == {
+        ("Patient", "unknown_element", "(root)"): 1,
+        ("Patient", "unknown_element", "name"): 1,
+        ("Observation", "unknown_element", "(root)"): 1,
+    }
+    with log.open(newline="") as handle:
+        elements = {row["resource_id"]: row["element"]
+                    for row in csv.DictReader(handle)}
+    assert elements == {"Patient/p1": "maryPoppinsMRN12345",
+                        "Patient/p2": "name.secretNote42",
+                        "Observation/o1": "context"}
+
+
+def test_unresolved_patient_rows_name_file_and_line(tmp_path: Path) -> None:
+    _, report, log = run(tmp_path, [
+        patient("p1", birthDate="1970-02-30"),
+        observation("orphan", "ghost", "2345-7", 99.0, "mg/dL", day(-1)),
+        observation("of-rejected", "p1", "2345-7", 99.0, "mg/dL", day(-1)),
+    ])
+    with log.open(newline="") as handle:
+        sources = {row["reason"]: row["source"] for row in csv.DictReader(handle)}
+    assert sources == {"invalid_date": "export.ndjson line 1",
+                       "patient_not_found": "export.ndjson line 2",
+                       "patient_rejected": "export.ndjson line 3"}
 
 
 def test_gender_code_not_recognised(tmp_path: Path) -> None:

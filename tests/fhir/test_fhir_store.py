@@ -26,9 +26,13 @@ def test_groups_facts_by_patient(tmp_path: Path) -> None:
 
 def test_duplicate_and_unresolved(tmp_path: Path) -> None:
     with FactStore(tmp_path) as store:
-        assert store.claim_resource("Observation/1", "Observation", "Patient/x")
-        assert not store.claim_resource("Observation/1", "Observation", "Patient/x")
-        store.claim_resource("Observation/2", "Observation", "Patient/y")
+        assert store.claim_resource("Observation/1", "Observation", "Patient/x",
+                                    "a.ndjson line 1")
+        assert not store.claim_resource("Observation/1", "Observation", "Patient/x",
+                                        "a.ndjson line 9")
+        store.claim_resource("Observation/2", "Observation", "Patient/y",
+                             "b.json entry 2")
         store.add_rejected_patient(["Patient/y"])
-        assert list(store.unresolved()) == [("Observation", "Observation/1", False),
-                                            ("Observation", "Observation/2", True)]
+        assert list(store.unresolved()) == [
+            ("Observation", "Observation/1", False, "a.ndjson line 1"),
+            ("Observation", "Observation/2", True, "b.json entry 2")]

@@ -6,7 +6,7 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,7 +15,9 @@ from rich.table import Table
 
 from prifed.errors import DataError
 from prifed.fhir.ingest import write_site_table
+from prifed.fhir.output import atomic_text, check_outputs
 from prifed.fhir.quality import QualityReport, load_report, merge_reports
+from prifed.fhir.reader import MAX_RESOURCE_BYTES
 from prifed.fhir.spec import load_spec, spec_hash
 
 data_app = typer.Typer(
@@ -62,6 +64,10 @@ def from_fhir(
     work_dir: Annotated[Path | None, typer.Option(
         help="folder for the temporary on-disk spill (default: system temp)")
     ] = None,
+    max_resource_bytes: Annotated[int, typer.Option(
+        min=1, help="largest NDJSON line, resource file or Bundle entry to read, "
+                    "in bytes; larger ones are rejected as resource_too_large")
+    ] = MAX_RESOURCE_BYTES,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="log progress to the console")
                        ] = False,
@@ -75,7 +81,8 @@ def from_fhir(
     package_logger.addHandler(handler)
     try:
         result = write_site_table(source, spec, site, output, report_path=report,
-                                  work_dir=work_dir, rejections=rejections)
+                                  work_dir=work_dir, rejections=rejections,
+                                  max_resource_bytes=max_resource_bytes)
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(previous_level)
@@ -102,12 +109,13 @@ def merge_reports_command(
         help="JSON file for the federation-wide table")] = None,
 ) -> None:
     """Gather site quality reports into one federation-wide table."""
+    check_outputs([("--output", output)], inputs=reports)
     federation = merge_reports([load_report(path) for path in reports],
                                expected_hash=expected_hash)
     typer.echo(federation.format_text())
     if output is not None:
-        output.write_text(json.dumps(federation.to_dict(), indent=2) + "\n",
-                          encoding="utf-8")
+        with atomic_text(output, "--output") as handle:
+            handle.write(json.dumps(federation.to_dict(), indent=2) + "\n")
 
 
 @data_app.command("stack")
@@ -119,21 +127,25 @@ def stack_command(
 
     Real sites keep their tables; one stacked file serves ``prifed simulate``.
     """
-    try:
-        count = _stack(tables, output)
-    except DataError:
-        output.unlink(missing_ok=True)
-        raise
+    check_outputs([("--output", output)], inputs=tables)
+    for path in tables:
+        if not path.is_file():
+            raise DataError(f"table {path} not found or not a file")
+    with atomic_text(output, "--output") as handle:
+        count = _stack(tables, csv.writer(handle))
     typer.echo(f"wrote {output}: {count} sites")
 
 
-def _stack(tables: list[Path], output: Path) -> int:
+def _stack(tables: list[Path], writer: Any) -> int:
     header: list[str] | None = None
     sites: dict[str, int] = {}
-    with output.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        for number, path in enumerate(tables):
-            with path.open(newline="", encoding="utf-8") as source:
+    for number, path in enumerate(tables):
+        try:
+            source = path.open(newline="", encoding="utf-8")
+        except OSError as error:
+            raise DataError(f"cannot read table {path}: {error.strerror}") from None
+        try:
+            with source:
                 reader = csv.reader(source)
                 columns = next(reader, None)
                 if columns is None or "site" not in columns:
@@ -146,10 +158,16 @@ def _stack(tables: list[Path], output: Path) -> int:
                         f"table {path} has columns {columns}; expected {header}")
                 position = columns.index("site")
                 for row in reader:
+                    if len(row) != len(columns):
+                        raise DataError(
+                            f"table {path} line {reader.line_num} has {len(row)} "
+                            f"fields; expected {len(columns)}")
                     owner = sites.setdefault(row[position], number)
                     if owner != number:
                         raise DataError(
                             f"site {row[position]!r} appears in both "
                             f"{tables[owner]} and {path}")
                     writer.writerow(row)
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise DataError(f"table {path} is not a UTF-8 CSV file: {error}") from None
     return len(sites)

@@ -11,6 +11,7 @@ the import goes on with the next one.
 from __future__ import annotations
 
 import re
+import typing
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 
 from prifed.fhir import units
 from prifed.fhir.dates import Placement, day_range, place, second_of_day
-from prifed.fhir.quality import Rejection, safe_label
+from prifed.fhir.quality import Rejection
 from prifed.fhir.reader import RawItem
 from prifed.fhir.spec import (
     ConditionFeature,
@@ -80,6 +81,48 @@ def _error_reason(error: Mapping[str, Any]) -> str:
 
 def _element_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc if not isinstance(part, int)) or "(root)"
+
+
+@cache
+def _fields(model: Any) -> dict[str, tuple[str, Any]]:
+    """Map each JSON name and Python name of a model's fields to (JSON name, type)."""
+    found: dict[str, tuple[str, Any]] = {}
+    for name, info in model.model_fields.items():
+        json_name = info.alias or name
+        found[name] = found[json_name] = (json_name, info.annotation)
+    return found
+
+
+def _nested_model(annotation: Any) -> Any:
+    """Return the FHIR model class inside a field type such as list[HumanNameType]."""
+    klass = getattr(annotation, "get_model_klass", None)
+    if klass is not None:
+        return klass()
+    for argument in typing.get_args(annotation):
+        found = _nested_model(argument)
+        if found is not None:
+            return found
+    return None
+
+
+def _known_path(model: Any, loc: tuple[Any, ...]) -> str:
+    """Return the longest prefix of an error location made of the model's fields.
+
+    The shared report names only elements that the R4B model defines, so an
+    unknown key, which may be free text from the record, is cut off. An
+    unknown top-level key gives "(root)".
+    """
+    parts: list[str] = []
+    current = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = _fields(current).get(str(part)) if current is not None else None
+        if field is None:
+            break
+        parts.append(field[0])
+        current = _nested_model(field[1])
+    return ".".join(parts) or "(root)"
 
 
 def _codings(concept: Any) -> list[tuple[str, str]]:
@@ -171,8 +214,10 @@ class Extractor:
     # Rejections
 
     def _rejected(self, resource_type: str, key: str, reason: str, element: str,
-                  source: str, feature: str | None = None) -> None:
-        self._reject(Rejection(resource_type, key, reason, element, feature, source))
+                  source: str, feature: str | None = None,
+                  shared_element: str | None = None) -> None:
+        self._reject(Rejection(resource_type, key, reason, element, feature, source,
+                               shared_element))
 
     def _rejected_whole(self, resource_type: str, key: str, reason: str,
                         element: str, source: str) -> None:
@@ -210,7 +255,8 @@ class Extractor:
         except ValidationError as error:
             first = error.errors()[0]
             self._rejected(resource_type, key, _error_reason(first),
-                           safe_label(_element_path(first["loc"])), where)
+                           _element_path(first["loc"]), where,
+                           shared_element=_known_path(model, first["loc"]))
             if resource_type == "Patient":
                 self.patients_rejected += 1
                 self.store.add_rejected_patient(self._raw_aliases(item))
@@ -246,7 +292,7 @@ class Extractor:
                ) -> str | None:
         """Check identity and subject; return the patient reference or None."""
         ref, problem = _patient_ref(subject)
-        if not self.store.claim_resource(key, resource_type, ref):
+        if not self.store.claim_resource(key, resource_type, ref, where):
             self._rejected(resource_type, key, "duplicate_id", "id", where)
             return None
         if problem is not None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from prifed.errors import ConfigError
+from prifed.errors import ConfigError, DataError
 from prifed.fhir.dates import completed_years
 from prifed.fhir.extract import FOLLOW_UP_SLOT, LABEL_SLOT, Extractor
 from prifed.fhir.quality import (
@@ -38,7 +38,8 @@ from prifed.fhir.quality import (
     RejectionLog,
     safe_label,
 )
-from prifed.fhir.reader import discover, iter_items
+from prifed.fhir.output import atomic_text, check_outputs
+from prifed.fhir.reader import MAX_RESOURCE_BYTES, discover, iter_items
 from prifed.fhir.spec import (
     AgeFeature,
     ConditionLabel,
@@ -84,8 +85,9 @@ class _Tally:
         self.negative = 0
 
     def reject(self, rejection: Rejection) -> None:
+        element = rejection.shared_element or rejection.element
         key = (safe_label(rejection.resource_type), rejection.reason,
-               safe_label(rejection.element), rejection.feature)
+               safe_label(element), rejection.feature)
         if key not in self.rejections and len(self.rejections) >= _MAX_REJECTION_KEYS:
             key = ("(other)", rejection.reason, "(other)", None)
         self.rejections[key] += 1
@@ -109,8 +111,15 @@ class SiteImport:
 
     def __init__(self, source: str | Path, spec: FeatureSpec | str | Path,
                  site: str, work_dir: str | Path | None = None,
-                 rejections: str | Path | None = None) -> None:
+                 rejections: str | Path | None = None,
+                 max_resource_bytes: int = MAX_RESOURCE_BYTES) -> None:
         _check_site(site)
+        if max_resource_bytes < 1:
+            raise ConfigError(
+                f"max_resource_bytes must be at least 1; got {max_resource_bytes}")
+        if work_dir is not None and not Path(work_dir).is_dir():
+            raise DataError(f"--work-dir {work_dir} is not an existing folder")
+        self.max_resource_bytes = max_resource_bytes
         self.source = Path(source)
         self.spec = _resolve_spec(spec)
         self.site = site
@@ -132,14 +141,15 @@ class SiteImport:
             for path in files:
                 label = str(path.relative_to(self.source)) if self.source.is_dir() \
                     else path.name
-                for item in iter_items(path, label):
+                for item in iter_items(path, label, self.max_resource_bytes):
                     extractor.add(item)
             store.flush()
             read_seconds = time.perf_counter() - started
 
-            for resource_type, key, rejected in store.unresolved():
+            for resource_type, key, rejected, where in store.unresolved():
                 reason = "patient_rejected" if rejected else "patient_not_found"
-                tally.reject(Rejection(resource_type, key, reason, "subject"))
+                tally.reject(Rejection(resource_type, key, reason, "subject",
+                                       source=where))
 
             for record, facts in store.patients():
                 row = self._row(record, facts, tally)
@@ -316,7 +326,8 @@ class SiteImport:
 
 def load_site_table(source: str | Path, spec: FeatureSpec | str | Path,
                     site: str = "local", work_dir: str | Path | None = None,
-                    rejections: str | Path | None = None
+                    rejections: str | Path | None = None,
+                    max_resource_bytes: int = MAX_RESOURCE_BYTES,
                     ) -> tuple[pd.DataFrame, QualityReport]:
     """Read a FHIR export into a feature table and its quality report.
 
@@ -324,7 +335,9 @@ def load_site_table(source: str | Path, spec: FeatureSpec | str | Path,
     feature in specification order, then the label (0 or 1). Missing values are
     NaN when the specification keeps incomplete rows.
     """
-    job = SiteImport(source, spec, site, work_dir, rejections)
+    if rejections is not None:
+        check_outputs([("rejections", Path(rejections))])
+    job = SiteImport(source, spec, site, work_dir, rejections, max_resource_bytes)
     rows: list[Row] = []
     report = job.run(rows.append)
     table = pd.DataFrame(rows, columns=job.spec.columns)
@@ -335,15 +348,25 @@ def write_site_table(source: str | Path, spec: FeatureSpec | str | Path,
                      site: str, output: str | Path,
                      report_path: str | Path | None = None,
                      work_dir: str | Path | None = None,
-                     rejections: str | Path | None = None) -> QualityReport:
-    """Stream a FHIR export into a CSV feature table; optionally write the report."""
-    job = SiteImport(source, spec, site, work_dir, rejections)
-    output_path = Path(output)
-    with output_path.open("w", newline="", encoding="utf-8") as handle:
+                     rejections: str | Path | None = None,
+                     max_resource_bytes: int = MAX_RESOURCE_BYTES) -> QualityReport:
+    """Stream a FHIR export into a CSV feature table; optionally write the report.
+
+    Every output path is checked before the export is read, and each output
+    appears only when the whole import succeeds.
+    """
+    source_path = Path(source)
+    outputs = [("--output", Path(output)),
+               ("--report", Path(report_path) if report_path is not None else None),
+               ("--rejections", Path(rejections) if rejections is not None else None)]
+    check_outputs(outputs, inputs=[source_path] if source_path.is_file() else [])
+    job = SiteImport(source, spec, site, work_dir, rejections, max_resource_bytes)
+    with atomic_text(output, "--output") as handle:
         writer = csv.writer(handle)
         writer.writerow(job.spec.columns)
         report = job.run(lambda row: writer.writerow(
             ["" if value is None else value for value in row]))
     if report_path is not None:
-        Path(report_path).write_text(report.to_json() + "\n", encoding="utf-8")
+        with atomic_text(report_path, "--report") as handle:
+            handle.write(report.to_json() + "\n")
     return report

@@ -17,6 +17,7 @@ import re
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,12 +27,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    NonNegativeInt,
+    StrictInt,
     StringConstraints,
     ValidationError,
+    model_validator,
 )
 
 from prifed.errors import ConfigError, DataError
+from prifed.fhir.output import atomic_text
 
 REPORT_FORMAT = "prifed.fhir.quality/1"
 
@@ -42,10 +45,13 @@ LABEL_PATTERN = r"^(\([a-z]+\)|[A-Za-z][A-Za-z0-9_.\[\]-]{0,99})$"
 _LABEL_RE = re.compile(LABEL_PATTERN)
 SITE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 Label = Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]
+# A count: an integer of at least 0. Strict, so true, 1.0 and "1" are rejected.
+NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
 
 # Reasons for rejecting a record, as they appear in reports and logs.
 REASONS: dict[str, str] = {
     "invalid_json": "the line or file is not valid JSON",
+    "resource_too_large": "the line, file or Bundle entry is over the size limit",
     "not_a_resource": "the JSON object has no known resourceType",
     "unsupported_bundle": "the Bundle type is not one PriFed reads",
     "invalid_date": "a date, dateTime or instant is not a valid FHIR value",
@@ -151,6 +157,37 @@ class QualityReport(_Counts):
     features: dict[Label, FeatureCounts] = Field(default_factory=dict)
     label: LabelCounts = Field(default_factory=LabelCounts)
 
+    @model_validator(mode="after")
+    def _check_consistent(self) -> QualityReport:
+        """Reject counts that no import can produce, listing every problem."""
+        patients = self.patients
+        problems = []
+        if patients.eligible > patients.read:
+            problems.append(f"patients.eligible ({patients.eligible}) must be at "
+                            f"most patients.read ({patients.read})")
+        if patients.in_table > patients.eligible:
+            problems.append(f"patients.in_table ({patients.in_table}) must be at "
+                            f"most patients.eligible ({patients.eligible})")
+        excluded = sum(patients.excluded.values())
+        if excluded > patients.read:
+            problems.append(f"patients.excluded sums to {excluded}; it must be at "
+                            f"most patients.read ({patients.read})")
+        labelled = self.label.positive + self.label.negative
+        if labelled != patients.in_table:
+            problems.append(f"label.positive + label.negative ({labelled}) must "
+                            f"equal patients.in_table ({patients.in_table})")
+        for name, counts in self.features.items():
+            seen = counts.present + counts.missing
+            if seen != patients.eligible:
+                problems.append(f"features.{name}.present + missing ({seen}) must "
+                                f"equal patients.eligible ({patients.eligible})")
+            if counts.nonzero > counts.present:
+                problems.append(f"features.{name}.nonzero ({counts.nonzero}) must "
+                                f"be at most its present ({counts.present})")
+        if problems:
+            raise ValueError("inconsistent counts: " + "; ".join(problems))
+        return self
+
     @property
     def total_read(self) -> int:
         """Number of resources read, of every type."""
@@ -173,18 +210,27 @@ class QualityReport(_Counts):
         return self.model_dump_json(indent=2)
 
 
-def parse_report(data: Mapping[str, Any] | str | bytes) -> QualityReport:
-    """Validate a report received from a site; raise DataError naming fields."""
+def parse_report(data: Mapping[str, Any] | str | bytes,
+                 source: str | Path | None = None) -> QualityReport:
+    """Validate a report received from a site; raise DataError naming fields.
+
+    ``source``, such as the file name, is named in the error. Each problem
+    gives the field path (``(document)`` for the whole report, as for JSON
+    that does not parse), the rule broken and the pydantic error type.
+    """
     try:
         if isinstance(data, (str, bytes)):
             return QualityReport.model_validate_json(data)
         return QualityReport.model_validate(dict(data))
     except ValidationError as error:
         problems = [
-            ".".join(str(part) for part in item["loc"]) + f": {item['type']}"
+            (".".join(str(part) for part in item["loc"]) or "(document)")
+            + f": {item['msg']} ({item['type']})"
             for item in error.errors()
         ]
-        raise DataError("invalid quality report: " + "; ".join(problems)) from None
+        where = f" {source}" if source is not None else ""
+        raise DataError(
+            f"invalid quality report{where}: " + "; ".join(problems)) from None
 
 
 def load_report(path: str | Path) -> QualityReport:
@@ -194,12 +240,19 @@ def load_report(path: str | Path) -> QualityReport:
     except OSError as error:
         raise DataError(
             f"cannot read quality report {path}: {error.strerror}") from None
-    return parse_report(text)
+    except UnicodeDecodeError:
+        raise DataError(f"invalid quality report {path}: not UTF-8 text") from None
+    return parse_report(text, source=path)
 
 
 @dataclass(frozen=True)
 class Rejection:
-    """One rejected record, for the site's local log only."""
+    """One rejected record, for the site's local log.
+
+    ``element`` is the full element path for the local log. ``shared_element``,
+    when set, replaces it in the shared report, because the full path may
+    contain a key taken from the record.
+    """
 
     resource_type: str
     resource_id: str
@@ -207,13 +260,16 @@ class Rejection:
     element: str
     feature: str | None = None
     source: str = ""
+    shared_element: str | None = None
 
 
 class RejectionLog:
     """Local CSV log of rejected records: type, id, element, reason, never values.
 
     The log names resource ids and input files, so it stays at the site. With
-    no path it only keeps the first ``keep`` rejections in memory.
+    no path it only keeps the first ``keep`` rejections in memory. With a
+    path, rows go to a temporary file beside it that replaces the path only
+    when the ``with`` block ends without an exception.
     """
 
     COLUMNS = ("resource_type", "resource_id", "reason", "element", "feature", "source")
@@ -222,12 +278,8 @@ class RejectionLog:
         self.path = Path(path) if path is not None else None
         self.keep = keep
         self.first: list[Rejection] = []
-        self._file: Any = None
+        self._output: ExitStack | None = None
         self._writer: Any = None
-        if self.path is not None:
-            self._file = self.path.open("w", newline="", encoding="utf-8")
-            self._writer = csv.writer(self._file)
-            self._writer.writerow(self.COLUMNS)
 
     def add(self, rejection: Rejection) -> None:
         """Record one rejection."""
@@ -239,19 +291,19 @@ class RejectionLog:
                 rejection.element, rejection.feature or "", rejection.source,
             ])
 
-    def close(self) -> None:
-        """Flush and close the log file."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            self._writer = None
-
     def __enter__(self) -> RejectionLog:
+        if self.path is not None:
+            self._output = ExitStack()
+            handle = self._output.enter_context(atomic_text(self.path, "--rejections"))
+            self._writer = csv.writer(handle)
+            self._writer.writerow(self.COLUMNS)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None,
                  exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+        output, self._output, self._writer = self._output, None, None
+        if output is not None:
+            output.__exit__(exc_type, exc, tb)
 
 
 @dataclass

@@ -21,8 +21,9 @@ from pathlib import Path
 from types import TracebackType
 
 _SCHEMA = """
-CREATE TABLE resources (key TEXT PRIMARY KEY, type TEXT, patient_ref TEXT)
-    WITHOUT ROWID;
+CREATE TABLE resources (
+    key TEXT PRIMARY KEY, type TEXT, patient_ref TEXT, source TEXT
+) WITHOUT ROWID;
 CREATE TABLE patients (
     key TEXT PRIMARY KEY, gender TEXT,
     birth_first INTEGER, birth_last INTEGER,
@@ -80,11 +81,14 @@ class FactStore:
         self._facts: list[tuple[str, int, int, int, float, str]] = []
 
     def claim_resource(self, key: str, resource_type: str,
-                       patient_ref: str | None) -> bool:
-        """Record a resource key; return False when the key was seen before."""
+                       patient_ref: str | None, source: str = "") -> bool:
+        """Record a resource key; return False when the key was seen before.
+
+        ``source`` is the input file and position, kept for the local log.
+        """
         cursor = self._db.execute(
-            "INSERT OR IGNORE INTO resources VALUES (?, ?, ?)",
-            (key, resource_type, patient_ref),
+            "INSERT OR IGNORE INTO resources VALUES (?, ?, ?, ?)",
+            (key, resource_type, patient_ref, source),
         )
         return cursor.rowcount == 1
 
@@ -134,18 +138,18 @@ class FactStore:
             self._facts.clear()
         self._db.commit()
 
-    def unresolved(self) -> Iterator[tuple[str, str, bool]]:
-        """Yield (type, key, patient rejected) for resources whose patient is absent."""
+    def unresolved(self) -> Iterator[tuple[str, str, bool, str]]:
+        """Yield (type, key, patient rejected, source) for resources without patient."""
         self.flush()
         rows = self._db.execute(
-            "SELECT r.type, r.key, ra.alias IS NOT NULL FROM resources r "
+            "SELECT r.type, r.key, ra.alias IS NOT NULL, r.source FROM resources r "
             "LEFT JOIN alias a ON a.alias = r.patient_ref "
             "LEFT JOIN rejected_alias ra ON ra.alias = r.patient_ref "
             "WHERE r.patient_ref IS NOT NULL AND a.alias IS NULL "
             "ORDER BY r.key"
         )
-        for resource_type, key, rejected in rows:
-            yield resource_type, key, bool(rejected)
+        for resource_type, key, rejected, source in rows:
+            yield resource_type, key, bool(rejected), source
 
     def patients(self) -> Iterator[tuple[PatientRecord, list[Fact]]]:
         """Yield every patient in key order with its facts ordered by slot and time."""
