@@ -220,10 +220,13 @@ class SiteAgent:
     source: TableSource
     events: EventHook | None = None
     handlers: dict[str, ExchangeHandler] = field(default_factory=dict)
+    wrap_client: Callable[[SiteClient], Any] | None = None
+    """Wraps the site's trainer, such as in an encrypting client; None: as is."""
     client: CoordinatorClient | None = None
     final_model: Path | None = None
     _rows: SiteRows | None = None
-    _trainer: SiteClient | None = None
+    _trainer: Any = None
+    _base_client: SiteClient | None = None
     _setup_digest: str | None = None
     _models: dict[int, ParameterSet] = field(default_factory=dict)
 
@@ -382,15 +385,18 @@ class SiteAgent:
 
     # Training.
 
-    def trainer(self, setup: dict[str, Any]) -> SiteClient:
+    def trainer(self, setup: dict[str, Any]) -> Any:
         """Return the site's trainer for a setup block, restoring its stream."""
         digest = hashlib.sha256(wire.dumps(setup)).hexdigest()
         if self._trainer is None or self._setup_digest != digest:
-            self._trainer = build_client(self.rows(), setup)
+            client = build_client(self.rows(), setup)
             self._setup_digest = digest
             state = self._saved_client_state()
             if state is not None and state[0].get("setup") == digest:
-                restore_client_state(self._trainer, state)
+                restore_client_state(client, state)
+            self._base_client = client
+            self._trainer = client if self.wrap_client is None \
+                else self.wrap_client(client)
         return self._trainer
 
     def train(self, task: dict[str, Any]) -> None:
@@ -423,7 +429,7 @@ class SiteAgent:
                     pending.num_samples, len(pending.payload))
         self.emit("accepted", {"round": server_round})
 
-    def _fit(self, task: dict[str, Any], trainer: SiteClient) -> _Pending:
+    def _fit(self, task: dict[str, Any], trainer: Any) -> _Pending:
         assert self.client is not None
         server_round = int(task["round"])
         params = self.model(int(task["model_version"]))
@@ -445,7 +451,8 @@ class SiteAgent:
                                      server_round)
         pending = _Pending(server_round, payload, int(reply.num_samples),
                            wire.to_json(reply.metrics),
-                           client_state(trainer, self._setup_digest or ""))
+                           client_state(self._base_client or trainer,
+                                        self._setup_digest or ""))
         self._save_pending(pending)
         return pending
 

@@ -30,6 +30,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from prifed.core.engine import RoundEngine, RoundRecord
+from prifed.core.strategy import Strategy
 from prifed.core.messages import Failure, TrainReply
 from prifed.core.params import ParameterSet, is_float, params_from_bytes, \
     params_to_bytes, validate_update
@@ -73,11 +74,13 @@ class Coordinator:
 
     ``initial_model`` starts the run from given tensors and skips the
     statistics exchange; benchmarks and callers with their own models use it.
+    ``strategy`` replaces the one the config names, for strategies outside
+    the registry (such as a homomorphic one built from a key file).
     """
 
     def __init__(self, config: FederationConfig,
                  initial_model: Mapping[str, np.ndarray] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, strategy: Strategy | None = None) -> None:
         self.config = config
         self.store = Store(config.database_url, config.state_dir)
         self.store.bind_config(config.fingerprint(), config.fingerprint_digest())
@@ -90,6 +93,7 @@ class Coordinator:
         self.transport = NetworkTransport(self.store, config, self.board, self.models,
                                           ordered=config.rounds.ordered_replies)
         self.initial_model = None if initial_model is None else dict(initial_model)
+        self.strategy = strategy
         self.port = config.coordinator.port if port is None else port
         self.app: FastAPI = build_app(config, self.store, self.transport, self.board,
                                       self._lifespan)
@@ -189,10 +193,9 @@ class Coordinator:
             self._setup()
         params, trainable = self._initial_model()
         training = self.config.training
-        strategy = build_strategy(training.strategy,
-                                  sites_per_round=training.sites_per_round,
-                                  local_config=training.local_config(),
-                                  **training.strategy_options)
+        strategy = self.strategy or build_strategy(
+            training.strategy, sites_per_round=training.sites_per_round,
+            local_config=training.local_config(), **training.strategy_options)
         self.transport.check_reply = strategy_reply_check(strategy)
         engine = DeployedEngine(self, strategy, self.transport, training.rounds,
                                 seed=self.config.federation.seed,

@@ -127,6 +127,7 @@ def build_app(config: FederationConfig, store: Store, transport: NetworkTranspor
 
     async def authenticate(request: Request, body: bytes | None = None) -> \
             tuple[str, auth.SignedRequest]:
+        """Check the signature headers before any body is read."""
         signed = auth.parse_signed_headers(request.headers)
         request.state.site = signed.site
         site = await run_in_threadpool(gate.verify, request.method,
@@ -183,8 +184,9 @@ def build_app(config: FederationConfig, store: Store, transport: NetworkTranspor
 
     @app.post("/v1/hello")
     async def hello(request: Request) -> dict[str, Any]:
+        site, signed = await authenticate(request)
         body = await read_body(request, limits.max_json_bytes, "hello")
-        site, _ = await authenticate(request, body)
+        check_digest(body, signed)
         logger.info("hello: site %s is online", site)
         return {"site": site, "federation": config.federation.name,
                 "finished": transport.finished}
@@ -212,8 +214,9 @@ def build_app(config: FederationConfig, store: Store, transport: NetworkTranspor
 
     @app.post("/v1/rounds/{number}/uploads")
     async def start_upload(request: Request, number: int) -> dict[str, Any]:
+        site, signed = await authenticate(request)
         body = await read_body(request, limits.max_json_bytes, "upload request")
-        site, _ = await authenticate(request, body)
+        check_digest(body, signed)
         upload = wire.parse_body(wire.UploadBody, body, "upload request")
         return await run_in_threadpool(transport.start_upload, site, number, upload)
 
@@ -247,14 +250,16 @@ def build_app(config: FederationConfig, store: Store, transport: NetworkTranspor
 
     @app.post("/v1/uploads/{upload_id}/commit")
     async def commit(request: Request, upload_id: str) -> dict[str, Any]:
+        site, signed = await authenticate(request)
         body = await read_body(request, limits.max_json_bytes, "commit")
-        site, _ = await authenticate(request, body)
+        check_digest(body, signed)
         return await run_in_threadpool(transport.commit_upload, site, upload_id)
 
     @app.post("/v1/rounds/{number}/failure")
     async def failure(request: Request, number: int) -> dict[str, Any]:
+        site, signed = await authenticate(request)
         body = await read_body(request, limits.max_json_bytes, "failure report")
-        site, _ = await authenticate(request, body)
+        check_digest(body, signed)
         report = wire.parse_body(wire.FailureBody, body, "failure report")
         await run_in_threadpool(transport.report_failure, site, number,
                                 redact(report.reason))
@@ -264,8 +269,9 @@ def build_app(config: FederationConfig, store: Store, transport: NetworkTranspor
 
     @app.post("/v1/rounds/{number}/evaluation")
     async def evaluation(request: Request, number: int) -> dict[str, Any]:
+        site, signed = await authenticate(request)
         body = await read_body(request, limits.max_json_bytes, "evaluation")
-        site, _ = await authenticate(request, body)
+        check_digest(body, signed)
         metrics = wire.parse_body(wire.EvaluationBody, body, "evaluation")
         await run_in_threadpool(transport.submit_evaluation, site, number, metrics)
         return {"status": "recorded"}
@@ -278,8 +284,9 @@ def build_app(config: FederationConfig, store: Store, transport: NetworkTranspor
 
     @app.post("/v1/exchanges/{exchange_id}/reply")
     async def exchange_reply(request: Request, exchange_id: str) -> dict[str, Any]:
+        site, signed = await authenticate(request)
         body = await read_body(request, limits.max_exchange_bytes, "exchange reply")
-        site, _ = await authenticate(request, body)
+        check_digest(body, signed)
         await run_in_threadpool(transport.submit_exchange_reply, site, exchange_id,
                                 body)
         return {"status": "recorded"}
