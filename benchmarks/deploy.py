@@ -4,9 +4,9 @@
     python benchmarks/deploy.py ingest   # 100 sites upload a 1M-float update each
     python benchmarks/deploy.py all
 
-``heart`` runs ``prifed simulate --no-baselines`` and the same job deployed
-(a coordinator and four ``prifed site`` processes over HTTPS on loopback),
-checks that both final models are identical and splits the deployed wall
+``heart`` runs ``prifed simulate --no-baselines`` and the same job deployed,
+as a coordinator and four ``prifed site`` processes over HTTPS on loopback.
+It checks that both final models are identical and splits the deployed wall
 time into process start, setup, rounds (site compute against the rest) and
 shutdown.
 
@@ -118,7 +118,7 @@ def first_time(lines: list[tuple[float, str]], text: str) -> float:
 # The heart job.
 
 
-def heart(rounds: int) -> dict[str, Any]:
+def heart(rounds: int, threads: int) -> dict[str, Any]:
     from prifed.core.params import params_from_bytes
 
     work = Path(tempfile.mkdtemp(prefix="prifed-bench-heart-"))
@@ -140,15 +140,20 @@ def heart(rounds: int) -> dict[str, Any]:
                                    stderr=subprocess.DEVNULL)
     wait_for(folder / "state" / "coordinator.json")
     port = json.loads((folder / "state" / "coordinator.json").read_text())["port"]
-    sites = [subprocess.Popen(
-        prifed("site", "--coordinator", f"https://127.0.0.1:{port}", "--ca",
-               str(folder / "pki" / "ca.pem"), "--name", site, "--state-dir",
-               str(folder / "sites" / str(i)), "--token-file",
-               str(folder / f"token-{i:03d}")),
-        env=child_env(), cwd=folder, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL) for i, site in enumerate(HEART_SITES)]
-    for process in sites:
-        process.wait()
+    sites = []
+    for i, site in enumerate(HEART_SITES):
+        output = open(folder / f"site-{i}.out", "wb")
+        sites.append(subprocess.Popen(
+            prifed("site", "--coordinator", f"https://127.0.0.1:{port}", "--ca",
+                   str(folder / "pki" / "ca.pem"), "--name", site, "--state-dir",
+                   str(folder / "sites" / str(i)), "--token-file",
+                   str(folder / f"token-{i:03d}"), "--threads", str(threads)),
+            env=child_env(), cwd=folder, stdout=output, stderr=subprocess.STDOUT))
+        output.close()
+    codes = [process.wait() for process in sites]
+    if any(codes):
+        coordinator.terminate()
+        raise RuntimeError(f"site agents exited with {codes}; see {folder}/site-*.out")
     coordinator.wait()
     deployed_seconds = time.perf_counter() - started
 
@@ -170,7 +175,7 @@ def heart(rounds: int) -> dict[str, Any]:
     setup_done = first_time(lines, "setup: merged statistics")
     done = first_time(lines, "done: final model written")
     return {
-        "rounds": rounds,
+        "rounds": rounds, "site_threads": threads,
         "simulated_process_seconds": simulated_seconds,
         "simulated_engine_seconds": simulated_summary["methods"]["fedavg"]["seconds"],
         "deployed_process_seconds": deployed_seconds,
@@ -190,7 +195,8 @@ def heart(rounds: int) -> dict[str, Any]:
 
 
 def print_heart(result: dict[str, Any]) -> None:
-    print(f"heart job, {result['rounds']} rounds, 4 sites, 100 local steps")
+    print(f"heart job, {result['rounds']} rounds, 4 sites, 100 local steps, "
+          f"{result['site_threads']} torch thread(s) per site")
     simulated = result["simulated_process_seconds"]
     deployed = result["deployed_process_seconds"]
     print(f"  simulated (whole process):      {simulated:7.2f} s"
@@ -418,11 +424,13 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=100)
     parser.add_argument("--params", type=int, default=1_000_000)
     parser.add_argument("--chunk-kib", type=int, default=1024)
+    parser.add_argument("--site-threads", type=int, default=1,
+                        help="torch threads per site agent (four share the CPUs)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     results = {}
     if args.which in ("heart", "all"):
-        results["heart"] = heart(args.rounds)
+        results["heart"] = heart(args.rounds, args.site_threads)
         print_heart(results["heart"])
     if args.which in ("ingest", "all"):
         results["ingest"] = ingest(args.sites, args.params, args.chunk_kib * 1024)

@@ -130,7 +130,7 @@ def test_expired_token_rejected(enrolment):
     assert "expired" in response.json()["detail"]
 
 
-def test_restarted_agent_rejoins_with_its_key_and_gets_work(enrolment):
+def test_restarted_agent_gets_work_again(enrolment):
     fed, _ = enrolment
     first = fed.agent("Cleveland")
     first.connect()
@@ -177,7 +177,7 @@ def test_revoked_site_rejected_then_reenrolled(enrolment, tmp_path):
     assert joiner.hello("Spare", key).status_code == 401
 
 
-def test_agent_refuses_coordinator_outside_the_ca(enrolment, tmp_path):
+def test_agent_rejects_coordinator_outside_ca(enrolment, tmp_path):
     fed, _ = enrolment
     other = init_pki(tmp_path / "other-pki", "other", ["localhost"], ["127.0.0.1"])
     agent = fed.agent("Hungary")
@@ -197,7 +197,7 @@ def test_tokens_never_logged(enrolment):
     assert "pfj_" not in log
 
 
-def test_issue_token_refuses_site_outside_roster(enrolment):
+def test_issue_token_rejects_unknown_site(enrolment):
     fed, _ = enrolment
     result = runner.invoke(app, ["ca", "issue-token", "--config",
                                  str(fed.root / "federation.toml"), "--site",

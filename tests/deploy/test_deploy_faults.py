@@ -1,4 +1,4 @@
-"""Sites that die or answer late: deadlines, retries and refused late updates.
+"""Sites that die or reply late: deadlines, retries and rejected late updates.
 
 Round 1 needs three of four updates. Cleveland and Hungary (agents in this
 process) reply at once. Switzerland is a process that kills itself as soon as
@@ -7,7 +7,7 @@ round 1 has closed. At the first deadline only two updates are in, so the
 round is retried; the test then starts Switzerland again, in a new process
 that reads the key the first one kept, and it picks its task up again. Round
 1 closes at the second deadline with three updates; VA Long Beach's late
-update is refused and it takes part in round 2 as usual.
+update is rejected and it takes part in round 2 as usual.
 """
 
 from __future__ import annotations
@@ -138,13 +138,13 @@ def test_restarted_site_got_its_task_again(faults_run):
     assert "joined federation" not in output
 
 
-def test_late_update_refused_cleanly(faults_run):
+def test_late_update_rejected_cleanly(faults_run):
     fed, late, _, _, _ = faults_run
-    refused = [d for name, d in late.events if name == "refused"]
-    assert len(refused) == 1
-    assert refused[0]["round"] == 1
-    assert refused[0]["code"] == "round_closed"
-    assert "round 1" in refused[0]["detail"]
+    rejected = [d for name, d in late.events if name == "rejected"]
+    assert len(rejected) == 1
+    assert rejected[0]["round"] == 1
+    assert rejected[0]["code"] == "round_closed"
+    assert "round 1" in rejected[0]["detail"]
     assert f"site {LATE!r}: HTTP 409 round_closed" in fed.log_file.read_text()
 
 

@@ -151,9 +151,9 @@ def test_upload_resumed_after_coordinator_restart(restart_run):
               if name == "chunk" and d["round"] == 2]
     after = [d["offset"] for name, d in scenario.events[restarted:]
              if name in ("chunk", "resume") and d["round"] == 2]
-    # The chunk at byte 128 went to the restarted coordinator, which knew the
-    # first two chunks from its disk alone: the agent either went on with the
-    # next chunk or, after an error, resumed at byte 128, never at byte 0.
+    # The chunk at byte 128 went to the restarted coordinator, which had the
+    # first two chunks from its disk alone. The agent then either went on with
+    # the next chunk or, after an error, resumed at byte 128, never at byte 0.
     assert before == [0, CHUNK, 2 * CHUNK]
     assert after[0] in (2 * CHUNK, 3 * CHUNK)
     assert 0 not in after

@@ -1,10 +1,10 @@
 """The site agent: outbound HTTPS only, long polling, resumable compressed uploads.
 
-The agent runs beside a site's data. It never listens on a port: it asks the
-coordinator for work (a long poll that returns when a task is posted), does
-the task locally and sends the result back. It goes through an HTTP proxy
-named in ``HTTPS_PROXY``/``HTTP_PROXY`` (and honours ``NO_PROXY``), because
-httpx reads those variables.
+The agent runs beside a site's data and never listens on a port. It requests
+work from the coordinator with long polls, each of which returns when a task
+is posted, does the task locally and sends the result back. It goes through
+an HTTP proxy named in ``HTTPS_PROXY``/``HTTP_PROXY`` (and honours
+``NO_PROXY``), because httpx reads those variables.
 
 State in the site's folder survives restarts: the Ed25519 key, the
 federation it joined, the trainer's shuffled stream and an update that was
@@ -49,7 +49,7 @@ EventHook = Callable[[str, dict[str, Any]], None]
 """Called with an event name and its details: progress reporting and tests."""
 
 ExchangeHandler = Callable[[bytes, dict[str, Any]], bytes]
-"""Answers one exchange request (decompressed body, task) with the reply body."""
+"""Handler of one exchange channel: (decompressed request, task) to reply body."""
 
 def warm_up_torch() -> threading.Thread:
     """Build a throwaway optimiser in the background while the site connects.
@@ -81,7 +81,7 @@ ZSTD_MEDIA_TYPE = "application/zstd"
 
 @dataclass
 class AgentOptions:
-    """How a site agent reaches its coordinator and where it keeps its state."""
+    """Settings of a site agent: its coordinator, identity, state folder, timing."""
 
     coordinator: str
     ca_file: Path
@@ -245,7 +245,7 @@ class SiteAgent:
     # Identity.
 
     def connect(self) -> None:
-        """Load or create the site key, join with the token once, then say hello."""
+        """Load or create the site key, join with the token once, then send hello."""
         self.folder.mkdir(parents=True, exist_ok=True)
         key_path = self.folder / "site.key"
         info_path = self.folder / "site.json"
@@ -306,7 +306,7 @@ class SiteAgent:
     # The task loop.
 
     def run(self) -> Path | None:
-        """Connect and take tasks until the coordinator says the run is done."""
+        """Connect and take tasks until the coordinator sends the final task."""
         warm_up_torch()
         self.connect()
         try:
@@ -345,7 +345,7 @@ class SiteAgent:
     # Exchanges (statistics and extension protocols).
 
     def exchange(self, task: dict[str, Any]) -> None:
-        """Download an exchange request, answer it with its channel's handler."""
+        """Download an exchange request and reply with its channel's handler."""
         assert self.client is not None
         channel = str(task["channel"])
         handler = self.handlers.get(channel)
@@ -417,9 +417,9 @@ class SiteAgent:
             self.upload(server_round, pending)
         except CoordinatorError as error:
             if error.status in (403, 409):
-                logger.warning("fit %s: update refused (%s): %s", label, error.code,
+                logger.warning("fit %s: update rejected (%s): %s", label, error.code,
                                error.detail)
-                self.emit("refused", {"round": server_round, "code": error.code,
+                self.emit("rejected", {"round": server_round, "code": error.code,
                                       "detail": error.detail})
                 self._resolve_pending(pending)
                 return
@@ -501,7 +501,7 @@ class SiteAgent:
         return response.json()
 
     def _resume_offset(self, server_round: int, upload_id: str, offset: int) -> int:
-        """Ask the coordinator (retrying until it answers) how much it has."""
+        """Return the coordinator's offset of an upload, retrying until it replies."""
         assert self.client is not None
         status = self.client.json("GET", f"/v1/uploads/{upload_id}")
         resumed = int(status["offset"])

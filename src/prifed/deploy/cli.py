@@ -217,6 +217,9 @@ def site(
     max_offline: Annotated[float | None, typer.Option(
         help="give up after the coordinator is unreachable this many seconds "
              "(default: keep trying)")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for torch (default: torch's choice, one per core); "
+             "use 1 when several agents share a machine")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="log every event to stderr")] = False,
 ) -> None:
@@ -227,6 +230,12 @@ def site(
 
     if chunk_kib < 1:
         raise ConfigError(f"--chunk-kib must be at least 1; got {chunk_kib}")
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be at least 1; got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     token = os.environ.get(TOKEN_ENV)
     if token_file is not None:
         token = token_file.read_text().strip()

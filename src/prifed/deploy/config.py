@@ -27,7 +27,7 @@ class FederationSection(_Section):
     """Who takes part: the federation's name, its sites in order and the seed.
 
     The order of ``sites`` sets each site's seed offset and the order in which
-    sums run, so list sites in the order ``prifed simulate`` sees them (first
+    sums run, so list sites in the order ``prifed simulate`` reads them (first
     appearance in the CSV) for a run that matches a simulation.
     """
 
@@ -84,7 +84,7 @@ class RoundsSection(_Section):
 
 
 class CoordinatorSection(_Section):
-    """Where the coordinator listens and keeps its state."""
+    """Listening address, state locations and service limits of the coordinator."""
 
     host: str = "127.0.0.1"
     port: int = Field(8443, ge=0, le=65535)

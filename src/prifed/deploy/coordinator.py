@@ -5,9 +5,9 @@ federation in a worker thread: first the statistics exchange that builds the
 shared preprocessor, then :class:`~prifed.core.engine.RoundEngine` with the
 configured strategy over :class:`~prifed.deploy.transport.NetworkTransport`.
 After every round the new global model, the strategy's ``state_dict`` and the
-engine's random generator are committed together, so a coordinator killed at
-any moment and started again continues from the last committed round with
-the updates already accepted in the open one.
+engine's random generator are committed together. A coordinator killed at any
+moment and started again continues from the last committed round, with the
+updates already accepted in the open one.
 """
 
 from __future__ import annotations
@@ -127,6 +127,7 @@ class Coordinator:
         finally:
             (self.config.state_dir / READY_FILE).unlink(missing_ok=True)
             self.store.close()
+        logger.info("coordinator: stopped with exit code %d", self.exit_code)
         return self.exit_code
 
     @asynccontextmanager
@@ -178,9 +179,12 @@ class Coordinator:
         while time.monotonic() < deadline:
             joined = {s.name for s in self.store.sites() if s.status == SITE_JOINED}
             if joined <= self.board.saw_final:
+                logger.info("coordinator: every site fetched the final task; "
+                            "shutting down")
                 return
             time.sleep(0.1)
-        logger.info("coordinator: stopping; not every site fetched the final model")
+        logger.info("coordinator: shutting down; not every site fetched the final "
+                    "task")
 
     # The federation.
 
@@ -192,6 +196,7 @@ class Coordinator:
                              daemon=True).start()
             self._setup()
         params, trainable = self._initial_model()
+
         training = self.config.training
         strategy = self.strategy or build_strategy(
             training.strategy, sites_per_round=training.sites_per_round,
@@ -201,25 +206,31 @@ class Coordinator:
                                 seed=self.config.federation.seed,
                                 evaluate_every=training.evaluate_every,
                                 on_round=self._on_round)
+
         latest = self.store.latest_model()
         start = 1
         if latest is not None and latest.version >= 1:
             params = self._load_version(latest.version)
-            strategy.initialize(params, trainable)
-            arrays: dict[str, np.ndarray] = {}
-            if latest.strategy_arrays:
-                arrays = params_from_bytes(
-                    Path(latest.strategy_arrays).read_bytes())
-            strategy.load_state_dict(wire.state_from_parts(
-                json.loads(latest.strategy_state), arrays))
-            engine.rng.bit_generator.state = json.loads(latest.rng_state)
+            self._restore(latest, strategy, engine, params, trainable)
             start = latest.version + 1
-            logger.info("coordinator: resuming after round %d of %d", latest.version,
-                        training.rounds)
+
         final = engine.run(params, trainable, start_round=start) \
             if start <= training.rounds else params
         self._finish(final)
         return final
+
+    def _restore(self, latest: ModelRow, strategy: Strategy, engine: RoundEngine,
+                 params: ParameterSet, trainable: list[str]) -> None:
+        """Put back the strategy and generator state committed after a round."""
+        strategy.initialize(params, trainable)
+        arrays: dict[str, np.ndarray] = {}
+        if latest.strategy_arrays:
+            arrays = params_from_bytes(Path(latest.strategy_arrays).read_bytes())
+        strategy.load_state_dict(wire.state_from_parts(
+            json.loads(latest.strategy_state), arrays))
+        engine.rng.bit_generator.state = json.loads(latest.rng_state)
+        logger.info("coordinator: resuming after round %d of %d", latest.version,
+                    self.config.training.rounds)
 
     def _setup(self) -> None:
         stored = self.store.get_meta("preprocessing")

@@ -96,12 +96,12 @@ def request_target(request: Request) -> str:
     return f"{target}?{query.decode('latin-1')}" if query else target
 
 
-async def read_body(request: Request, limit: int, what: str) -> bytes:
+async def read_body(request: Request, limit: int, subject: str) -> bytes:
     """Read a request body, refusing more than ``limit`` bytes (413)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestRejected(413, "too_large",
-                              f"{what} of {declared} bytes is over the limit of "
+                              f"{subject} of {declared} bytes is over the limit of "
                               f"{limit} bytes")
     chunks: list[bytes] = []
     size = 0
@@ -109,7 +109,7 @@ async def read_body(request: Request, limit: int, what: str) -> bytes:
         size += len(chunk)
         if size > limit:
             raise RequestRejected(413, "too_large",
-                                  f"{what} is over the limit of {limit} bytes")
+                                  f"{subject} is over the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 

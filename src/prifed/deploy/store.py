@@ -162,7 +162,7 @@ class ModelRow(Base):
 
 @dataclass(frozen=True)
 class SiteInfo:
-    """A site as the coordinator knows it."""
+    """A roster entry as stored: position, status, public key and last contact."""
 
     name: str
     position: int
@@ -216,7 +216,7 @@ class Store:
         self.engine = open_engine(url)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # Nonces and last-seen times are written on every request; losing the
+        # Nonces and last-seen times are written on every request. Losing the
         # last few to a power cut only reopens a replay window of seconds, so
         # they skip the full sync that protects updates and models.
         self.fast_engine = open_engine(url, synchronous="NORMAL")

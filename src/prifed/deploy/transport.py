@@ -2,7 +2,7 @@
 
 The round engine runs in a worker thread and calls :meth:`NetworkTransport.train`
 as it would call the in-process transport. Instead of calling sites, the
-transport posts tasks on a :class:`TaskBoard`; sites fetch them by long
+transport posts tasks on a :class:`TaskBoard`. Sites fetch them by long
 polling, and HTTP handler threads hand their replies back through the
 ``submit`` and ``commit`` methods here. Every accepted reply is on disk and
 in the database before the site hears "accepted", so a restarted coordinator
@@ -60,7 +60,7 @@ class TaskBoard:
     """Tasks waiting for each site, and the wake-up of their long polls.
 
     Worker threads post and withdraw tasks; the event loop's handlers wait
-    for them. A task is a JSON dict with a unique ``"id"``; a site keeps
+    for them. A task is a JSON dict with a unique ``"id"``. A site keeps
     getting the same task until it is withdrawn, so a site that restarts
     picks its task up again.
     """

@@ -1,4 +1,4 @@
-"""What travels between site and coordinator: compressed safetensors and JSON.
+"""Payloads between site and coordinator: compressed safetensors and JSON.
 
 Tensors travel as safetensors inside one zstandard frame that declares its
 content size and carries a checksum. Nothing is unpickled. JSON bodies are
@@ -38,7 +38,7 @@ def compress(data: bytes) -> bytes:
     return compressor.compress(data)
 
 
-def decompress(data: bytes, limit: int, what: str = "payload") -> bytes:
+def decompress(data: bytes, limit: int, subject: str = "payload") -> bytes:
     """Decompress one zstandard frame, refusing bombs, truncation and trailing bytes.
 
     The frame must declare its content size, which must not exceed ``limit``.
@@ -48,32 +48,32 @@ def decompress(data: bytes, limit: int, what: str = "payload") -> bytes:
         size = zstandard.frame_content_size(data)
     except zstandard.ZstdError:
         raise RequestRejected(400, "malformed_payload",
-                              f"{what} is not a zstandard frame") from None
+                              f"{subject} is not a zstandard frame") from None
     if size < 0 or size in _UNKNOWN_SIZE:
         raise RequestRejected(400, "malformed_payload",
-                              f"{what}'s zstandard frame must declare its content "
+                              f"{subject}'s zstandard frame must declare its content "
                               "size")
     if size > limit:
         raise RequestRejected(413, "too_large",
-                              f"{what} decompresses to {size} bytes; the limit is "
+                              f"{subject} decompresses to {size} bytes; the limit is "
                               f"{limit}")
     decompressor = zstandard.ZstdDecompressor().decompressobj()
     try:
         output = decompressor.decompress(data)
     except zstandard.ZstdError as error:
         raise RequestRejected(400, "malformed_payload",
-                              f"{what} is corrupt: {error}") from None
+                              f"{subject} is corrupt: {error}") from None
     if not decompressor.eof:
         raise RequestRejected(400, "truncated_payload",
-                              f"{what} is truncated: its zstandard frame ends early "
+                              f"{subject} is truncated: its zstandard frame ends early "
                               f"({len(output)} of {size} bytes decompressed)")
     if decompressor.unused_data:
         raise RequestRejected(400, "malformed_payload",
-                              f"{what} has {len(decompressor.unused_data)} bytes "
+                              f"{subject} has {len(decompressor.unused_data)} bytes "
                               "after its zstandard frame")
     if len(output) != size:
         raise RequestRejected(400, "malformed_payload",
-                              f"{what} decompressed to {len(output)} bytes; its "
+                              f"{subject} decompressed to {len(output)} bytes; its "
                               f"frame declared {size}")
     return output
 
@@ -85,15 +85,15 @@ def encode_tensors(tensors: Mapping[str, np.ndarray],
     return compress(bytes(st_save(contiguous, metadata=dict(metadata))))
 
 
-def decode_tensors(data: bytes, limit: int, what: str
+def decode_tensors(data: bytes, limit: int, subject: str
                    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Decompress and parse safetensors; return tensors and metadata (400 if bad)."""
-    raw = decompress(data, limit, what)
+    raw = decompress(data, limit, subject)
     try:
         tensors = st_load(raw)
     except (SafetensorError, ValueError, TypeError) as error:
         raise RequestRejected(400, "malformed_payload",
-                              f"{what} is not valid safetensors: {error}") from None
+                              f"{subject} is not valid safetensors: {error}") from None
     (header_size,) = struct.unpack_from("<Q", raw, 0)
     header = json.loads(raw[8:8 + header_size])
     metadata = header.get("__metadata__") or {}
@@ -193,7 +193,7 @@ class EvaluationBody(_Body):
     metrics: dict[str, float | None] = Field(max_length=64)
 
 
-def parse_body(model: type[_Body], data: bytes, what: str) -> Any:
+def parse_body(model: type[_Body], data: bytes, subject: str) -> Any:
     """Parse and validate a JSON body; raise 400 or 422 naming the field."""
     try:
         return model.model_validate_json(data)
@@ -202,7 +202,7 @@ def parse_body(model: type[_Body], data: bytes, what: str) -> Any:
         where = ".".join(str(part) for part in first["loc"]) or "body"
         status = 400 if first["type"] in {"json_invalid", "json_type"} else 422
         raise RequestRejected(status, "invalid_body",
-                              f"{what}: field {where!r}: {first['msg']}") from None
+                              f"{subject}: field {where!r}: {first['msg']}") from None
 
 
 def state_to_parts(state: Mapping[str, Any]) -> tuple[dict[str, Any],
