@@ -230,3 +230,37 @@ def test_only_token_digest_is_stored(tmp_path):
         raw += wal.read_bytes()
     assert b"pfj_secret-value" not in raw
     assert token_digest("pfj_secret-value").encode() in raw
+
+
+def test_site_csv_without_site_column_keeps_all_rows(tmp_path):
+    import pandas as pd
+
+    from prifed.data.heart import heart_csv_path, heart_spec
+    from prifed.data.tabular import TableSpec
+    from prifed.deploy.sitedata import TableSource
+
+    table = pd.read_csv(heart_csv_path())
+    own = table[table["dataset"] == "Hungary"].drop(columns=["dataset"])
+    own.to_csv(tmp_path / "hungary.csv", index=False)
+    heart = heart_spec()
+    spec = TableSpec("", heart.label, heart.numeric, heart.categorical, heart.drop,
+                     heart.label_threshold, heart.drop_incomplete)
+    alone = TableSource(tmp_path / "hungary.csv", spec).load("Hungary")
+    shared = TableSource(None, None).load("Hungary")
+    assert len(alone.rows) == len(shared.rows) == 260
+    assert alone.numeric == shared.numeric
+    assert alone.categorical == shared.categorical
+    columns = shared.numeric + shared.categorical + ["__label__"]
+    # Same rows in the same order; only the index differs with the file.
+    assert alone.rows[columns].reset_index(drop=True).equals(
+        shared.rows[columns].reset_index(drop=True))
+
+
+def test_site_missing_from_csv_named():
+    from prifed.deploy.sitedata import TableSource
+    from prifed.errors import DataError
+
+    with pytest.raises(DataError) as caught:
+        TableSource(None, None).load("Atlantis")
+    assert "no rows for site 'Atlantis' in column 'dataset'" in str(caught.value)
+    assert "Cleveland" in str(caught.value)

@@ -1,8 +1,8 @@
 """A site's own rows, prepared exactly as the simulation prepares that site.
 
 The site reads its CSV, keeps its rows (by the site column, when the file
-holds several sites), splits them with the federation's seed and computes the
-statistics that leave the site: counts, sums, squared deviations and category
+contains several sites), splits them with the federation's seed and computes
+the statistics that leave the site: counts, sums, squared deviations and category
 sets. After the coordinator merges every site's statistics, the site builds
 its features and its :class:`~prifed.training.client.SiteClient` from the
 preprocessor the coordinator sends back.
@@ -19,12 +19,15 @@ import pandas as pd
 from prifed.data.heart import heart_csv_path, heart_spec
 from prifed.data.preprocess import Preprocessor, site_statistics
 from prifed.data.tabular import SiteFrames, TableSpec, binary_labels, check_site, \
-    read_table, resolve_features, split_train_test
+    read_table, resolve_features, site_names, split_train_test
 from prifed.errors import DataError
+from prifed.log import get_logger
 from prifed.training.client import SiteClient
 from prifed.training.models import build_model
 
-SITE_COLUMN = "__site__"
+logger = get_logger(__name__)
+
+SITE_COLUMN = "__site_of_file__"
 
 
 @dataclass
@@ -41,16 +44,20 @@ class SiteRows:
 class TableSource:
     """Where a site's rows come from: a CSV and how to read it.
 
-    With ``spec.site_column`` the file may hold several sites and only rows
-    whose site column equals the site's name are used; with
-    ``site_column=None`` every row belongs to the site.
+    With ``spec.site_column`` the file may contain several sites, and only
+    rows whose site column equals the site's name are used. With an empty
+    ``site_column`` every row belongs to the site.
     """
 
     path: Path | None
     spec: TableSpec | None
 
     def load(self, site: str) -> SiteRows:
-        """Read the CSV and keep this site's usable rows (as the simulation does)."""
+        """Read the CSV and keep this site's usable rows.
+
+        The steps are those of :func:`prifed.data.tabular.split_sites` for one
+        site, so a site's rows equal the simulation's rows of that site.
+        """
         path = heart_csv_path() if self.path is None else self.path
         spec = heart_spec() if self.spec is None else self.spec
         table = read_table(path)
@@ -60,16 +67,26 @@ class TableSource:
                              spec.drop, spec.label_threshold, spec.drop_incomplete)
         numeric, categorical = resolve_features(table, spec)
         table = table.copy()
+        table["__site__"] = site_names(table[spec.site_column])
         table["__label__"] = binary_labels(table, spec)
-        table = table[table["__label__"].notna()]
+        usable = table["__site__"].notna() & table["__label__"].notna()
         if spec.drop_incomplete:
-            table = table.dropna(subset=numeric + categorical)
-        rows = table[table[spec.site_column].astype(str) == site]
-        if rows.empty:
-            present = ", ".join(sorted({str(v) for v in table[spec.site_column]
-                                        .dropna()})[:10])
-            raise DataError(f"no usable rows for site {site!r} in column "
+            usable &= table[numeric + categorical].notna().all(axis=1)
+        at_site = table["__site__"] == site
+        if not at_site.any():
+            present = ", ".join(sorted(table["__site__"].dropna().unique())[:10])
+            raise DataError(f"no rows for site {site!r} in column "
                             f"{spec.site_column!r} of {path}; values there: {present}")
+        rows = table[at_site & usable]
+        dropped = int(at_site.sum()) - len(rows)
+        if dropped:
+            logger.warning("data: site %s: %d of %d rows dropped (missing label%s)",
+                           site, dropped, int(at_site.sum()),
+                           " or feature" if spec.drop_incomplete else "")
+        if rows.empty:
+            raise DataError(f"site {site!r} has no usable rows: all "
+                            f"{int(at_site.sum())} have a missing label"
+                            f"{' or feature' if spec.drop_incomplete else ''}")
         check_site(site, rows)
         return SiteRows(site, rows, numeric, categorical)
 
