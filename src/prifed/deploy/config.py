@@ -54,15 +54,15 @@ class TrainingSection(_Section):
     model: str = "logreg"
     strategy: str = "fedavg"
     strategy_options: dict[str, Any] = Field(default_factory=dict)
-    rounds: int = Field(15, ge=1)
-    sites_per_round: int | None = Field(None, ge=1)
-    local_steps: int = Field(100, ge=1)
-    batch_size: int = Field(4, ge=1)
-    lr: float = Field(0.01, gt=0)
+    rounds: int = Field(default=15, ge=1)
+    sites_per_round: int | None = Field(default=None, ge=1)
+    local_steps: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    lr: float = Field(default=0.01, gt=0)
     optimizer: str = "sgd"
     standardize: str = "federated"
-    test_fraction: float = Field(0.34, gt=0, lt=1)
-    evaluate_every: int = Field(1, ge=1)
+    test_fraction: float = Field(default=0.34, gt=0, lt=1)
+    evaluate_every: int = Field(default=1, ge=1)
     numeric: list[str] | None = None
     categorical: list[str] | None = None
 
@@ -75,11 +75,11 @@ class TrainingSection(_Section):
 class RoundsSection(_Section):
     """Deadlines, the minimum number of replies and how often a round is retried."""
 
-    deadline_seconds: float = Field(300.0, gt=0)
-    min_sites: int = Field(1, ge=1)
-    attempts: int = Field(3, ge=1)
-    evaluate_deadline_seconds: float = Field(120.0, gt=0)
-    setup_deadline_seconds: float = Field(900.0, gt=0)
+    deadline_seconds: float = Field(default=300.0, gt=0)
+    min_sites: int = Field(default=1, ge=1)
+    attempts: int = Field(default=3, ge=1)
+    evaluate_deadline_seconds: float = Field(default=120.0, gt=0)
+    setup_deadline_seconds: float = Field(default=900.0, gt=0)
     ordered_replies: bool = True
 
 
@@ -87,35 +87,35 @@ class CoordinatorSection(_Section):
     """Listening address, state locations and service limits of the coordinator."""
 
     host: str = "127.0.0.1"
-    port: int = Field(8443, ge=0, le=65535)
+    port: int = Field(default=8443, ge=0, le=65535)
     state_dir: Path = Path("state")
     pki_dir: Path = Path("pki")
     database: str | None = None
-    long_poll_seconds: float = Field(25.0, gt=0, le=300)
-    linger_seconds: float = Field(60.0, ge=0)
+    long_poll_seconds: float = Field(default=25.0, gt=0, le=300)
+    linger_seconds: float = Field(default=60.0, ge=0)
     keep_updates: bool = False
-    max_connections: int | None = Field(None, ge=1)
+    max_connections: int | None = Field(default=None, ge=1)
 
 
 class LimitsSection(_Section):
     """Sizes and clock skew the coordinator accepts from sites."""
 
-    max_update_bytes: int = Field(512 * MIB, ge=1024)
-    max_chunk_bytes: int = Field(8 * MIB, ge=1024)
-    max_json_bytes: int = Field(1 * MIB, ge=1024)
-    max_exchange_bytes: int = Field(16 * MIB, ge=1024)
-    clock_skew_seconds: float = Field(300.0, gt=0)
-    concurrent_validations: int = Field(2, ge=1)
+    max_update_bytes: int = Field(default=512 * MIB, ge=1024)
+    max_chunk_bytes: int = Field(default=8 * MIB, ge=1024)
+    max_json_bytes: int = Field(default=1 * MIB, ge=1024)
+    max_exchange_bytes: int = Field(default=16 * MIB, ge=1024)
+    clock_skew_seconds: float = Field(default=300.0, gt=0)
+    concurrent_validations: int = Field(default=2, ge=1)
 
 
 class FederationConfig(_Section):
     """A whole federation config file."""
 
     federation: FederationSection
-    training: TrainingSection = Field(default_factory=TrainingSection)
-    rounds: RoundsSection = Field(default_factory=RoundsSection)
-    coordinator: CoordinatorSection = Field(default_factory=CoordinatorSection)
-    limits: LimitsSection = Field(default_factory=LimitsSection)
+    training: TrainingSection = TrainingSection()
+    rounds: RoundsSection = RoundsSection()
+    coordinator: CoordinatorSection = CoordinatorSection()
+    limits: LimitsSection = LimitsSection()
     base_dir: Path = Path(".")
 
     @model_validator(mode="after")

@@ -274,7 +274,8 @@ class NetworkTransport:
         for site, (num_samples, metrics) in stored.items():
             state.replies[site] = EvaluateReply(site, num_samples,
                                                 wire.metrics_from_json(metrics))
-        task = {"id": f"evaluate:{server_round}", "kind": "evaluate",
+        task_id = f"evaluate:{server_round}"
+        task = {"id": task_id, "kind": "evaluate",
                 "round": server_round, "num_rounds": self.num_rounds,
                 "model_version": server_round}
         with self._cond:
@@ -292,7 +293,7 @@ class NetworkTransport:
                 self._cond.wait(remaining)
             self._evaluation = None
         for site in state.sites:
-            self.board.withdraw(site, task["id"])
+            self.board.withdraw(site, task_id)
         logger.info("evaluate %s: %d of %d sites replied", label, len(state.replies),
                     len(state.sites))
         results: list[EvaluateReply | Failure] = []
