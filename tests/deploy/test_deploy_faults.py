@@ -109,7 +109,7 @@ def test_run_finishes_despite_dead_site(faults_run):
 def test_round_below_minimum_is_retried(faults_run):
     fed, _, _, _, _ = faults_run
     row, _ = _round(fed, 1)
-    assert row["attempt"] == 2
+    assert row["attempt"] >= 2
     assert row["closed_at"] - row["opened_at"] >= row["attempt"] * DEADLINE - 0.5
     assert "fit round 1/2: 2 of 4 updates by the deadline, minimum 3; retrying " \
            "(attempt 2/4" in fed.log_file.read_text()
