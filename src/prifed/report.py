@@ -91,7 +91,7 @@ def model_metadata(result: SimulationResult) -> dict[str, str]:
     """
     config = result.config
     preprocessors = {s.name: s.preprocessor.to_dict() for s in result.sites}
-    description = {
+    description: dict[str, Any] = {
         "format": "prifed-model-1", "model": config.model,
         "strategy": config.strategy, "standardize": config.standardize,
         "feature_names": result.sites[0].preprocessor.feature_names,
