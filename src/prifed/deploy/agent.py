@@ -41,6 +41,7 @@ from prifed.deploy.sitedata import SiteRows, TableSource, build_client, split_ro
 from prifed.deploy.store import write_atomic
 from prifed.errors import ConfigError, PriFedError
 from prifed.log import get_logger, redact
+from prifed.privacy.errors import BudgetExhausted, PolicyError
 from prifed.training.client import SiteClient
 
 logger = get_logger(__name__)
@@ -412,6 +413,9 @@ class SiteAgent:
             pending = None
         if pending is None:
             pending = self._fit(task, trainer)
+        if pending is None:
+            self.emit("refused", {"round": server_round})
+            return
         self.emit("trained", {"round": server_round, "bytes": len(pending.payload)})
         try:
             self.upload(server_round, pending)
@@ -429,7 +433,7 @@ class SiteAgent:
                     pending.num_samples, len(pending.payload))
         self.emit("accepted", {"round": server_round})
 
-    def _fit(self, task: dict[str, Any], trainer: Any) -> _Pending:
+    def _fit(self, task: dict[str, Any], trainer: Any) -> _Pending | None:
         assert self.client is not None
         server_round = int(task["round"])
         params = self.model(int(task["model_version"]))
@@ -446,6 +450,9 @@ class SiteAgent:
             reason = redact(f"{type(error).__name__}: {error}")
             self.client.json("POST", f"/v1/rounds/{server_round}/failure",
                              {"reason": reason})
+            if isinstance(error, (PolicyError, BudgetExhausted)):
+                # The site's own privacy rules refuse the round; it stays in the run.
+                return None
             raise
         payload = wire.encode_update(reply.params, reply.extra, self.options.site,
                                      server_round)

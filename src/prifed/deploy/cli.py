@@ -220,6 +220,9 @@ def site(
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for torch (default: torch's choice, one per core); "
              "use 1 when several agents share a machine")] = None,
+    privacy_dir: Annotated[Path | None, typer.Option(
+        help="this site's privacy folder (policy file and ledger): train only "
+             "with DP, within the site's own limit")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="log every event to stderr")] = False,
 ) -> None:
@@ -253,5 +256,9 @@ def site(
                            chunk_bytes=chunk_kib * 1024, long_poll_seconds=long_poll,
                            max_offline_seconds=max_offline)
     agent = SiteAgent(options, TableSource(data, spec))
+    if privacy_dir is not None:
+        from prifed.deploy.dpsite import private_client
+
+        agent.wrap_client = private_client(privacy_dir)
     final = agent.run()
     typer.echo(f"site {name}: run finished; final model in {final}", err=True)

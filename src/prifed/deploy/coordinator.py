@@ -36,6 +36,7 @@ from prifed.core.params import ParameterSet, is_float, params_from_bytes, \
     params_to_bytes, validate_update
 from prifed.deploy import wire
 from prifed.deploy.config import FederationConfig
+from prifed.deploy.dpsite import private_strategy
 from prifed.deploy.errors import RequestRejected, ServiceStopped
 from prifed.deploy.pki import PkiPaths
 from prifed.deploy.server import build_app
@@ -201,6 +202,7 @@ class Coordinator:
         strategy = self.strategy or build_strategy(
             training.strategy, sites_per_round=training.sites_per_round,
             local_config=training.local_config(), **training.strategy_options)
+        strategy = private_strategy(self.config, strategy)
         self.transport.check_reply = strategy_reply_check(strategy)
         engine = DeployedEngine(self, strategy, self.transport, training.rounds,
                                 seed=self.config.federation.seed,
