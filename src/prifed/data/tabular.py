@@ -225,6 +225,43 @@ def site_names(series: pd.Series) -> pd.Series:
     return series.astype(str).where(series.notna())
 
 
+def label_sites(table: pd.DataFrame, spec: TableSpec,
+                features: list[str]) -> tuple[pd.DataFrame, pd.Series]:
+    """Add site names and 0/1 labels; return the table and its usable rows.
+
+    A row is usable when it has a site and a label (and, with
+    ``drop_incomplete``, every feature).
+    """
+    table = table.copy()
+    table["__site__"] = site_names(table[spec.site_column])
+    table["__label__"] = binary_labels(table, spec)
+    usable = table["__site__"].notna() & table["__label__"].notna()
+    if spec.drop_incomplete:
+        usable &= table[features].notna().all(axis=1)
+    return table, usable
+
+
+def site_rows(table: pd.DataFrame, usable: pd.Series, spec: TableSpec,
+              name: str) -> pd.DataFrame:
+    """Return one site's usable rows, counting the dropped ones.
+
+    A site left with no usable rows, too few rows or one class is an error
+    naming it.
+    """
+    at_site = table["__site__"] == name
+    rows = table[at_site & usable]
+    dropped = int(at_site.sum()) - len(rows)
+    reason = "missing label" + (" or feature" if spec.drop_incomplete else "")
+    if dropped:
+        logger.warning("data: site %s: %d of %d rows dropped (%s)", name, dropped,
+                       int(at_site.sum()), reason)
+    if rows.empty:
+        raise DataError(f"site {name!r} has no usable rows: all "
+                        f"{int(at_site.sum())} have a {reason}")
+    check_site(name, rows)
+    return rows
+
+
 def split_sites(table: pd.DataFrame, spec: TableSpec, features: list[str],
                 sites: list[str] | None = None) -> dict[str, pd.DataFrame]:
     """Cut the table by site, keeping the order in which sites first appear.
@@ -233,13 +270,8 @@ def split_sites(table: pd.DataFrame, spec: TableSpec, features: list[str],
     feature) are dropped and counted per site; a site left with no usable
     rows is an error naming it.
     """
-    table = table.copy()
-    table["__site__"] = site_names(table[spec.site_column])
-    table["__label__"] = binary_labels(table, spec)
+    table, usable = label_sites(table, spec, features)
     all_names = [str(s) for s in pd.unique(table["__site__"].dropna())]
-    usable = table["__site__"].notna() & table["__label__"].notna()
-    if spec.drop_incomplete:
-        usable &= table[features].notna().all(axis=1)
     if sites is not None:
         unknown = [s for s in sites if s not in all_names]
         if unknown:
@@ -252,22 +284,7 @@ def split_sites(table: pd.DataFrame, spec: TableSpec, features: list[str],
         raise DataError(f"federated training needs at least 2 sites; {len(names)} "
                         f"selected of the {len(all_names)} in column "
                         f"{spec.site_column!r}")
-    by_site = {}
-    for name in names:
-        at_site = table["__site__"] == name
-        rows = table[at_site & usable]
-        dropped = int(at_site.sum()) - len(rows)
-        if dropped:
-            logger.warning("data: site %s: %d of %d rows dropped (missing label%s)",
-                           name, dropped, int(at_site.sum()),
-                           " or feature" if spec.drop_incomplete else "")
-        if rows.empty:
-            raise DataError(f"site {name!r} has no usable rows: all "
-                            f"{int(at_site.sum())} have a missing label"
-                            f"{' or feature' if spec.drop_incomplete else ''}")
-        check_site(name, rows)
-        by_site[name] = rows
-    return by_site
+    return {name: site_rows(table, usable, spec, name) for name in names}
 
 
 def check_site(name: str, rows: pd.DataFrame) -> None:

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from prifed.data.heart import heart_csv_path, heart_spec
 from prifed.data.preprocess import Preprocessor, site_statistics
-from prifed.data.tabular import SiteFrames, TableSpec, binary_labels, check_site, \
-    read_table, resolve_features, site_names, split_train_test
+from prifed.data.tabular import SiteFrames, TableSpec, label_sites, read_table, \
+    resolve_features, site_rows, split_train_test
 from prifed.errors import DataError
 from prifed.log import get_logger
 from prifed.training.client import SiteClient
@@ -66,28 +66,12 @@ class TableSource:
             spec = TableSpec(SITE_COLUMN, spec.label, spec.numeric, spec.categorical,
                              spec.drop, spec.label_threshold, spec.drop_incomplete)
         numeric, categorical = resolve_features(table, spec)
-        table = table.copy()
-        table["__site__"] = site_names(table[spec.site_column])
-        table["__label__"] = binary_labels(table, spec)
-        usable = table["__site__"].notna() & table["__label__"].notna()
-        if spec.drop_incomplete:
-            usable &= table[numeric + categorical].notna().all(axis=1)
-        at_site = table["__site__"] == site
-        if not at_site.any():
+        table, usable = label_sites(table, spec, numeric + categorical)
+        if not (table["__site__"] == site).any():
             present = ", ".join(sorted(table["__site__"].dropna().unique())[:10])
             raise DataError(f"no rows for site {site!r} in column "
                             f"{spec.site_column!r} of {path}; values there: {present}")
-        rows = table[at_site & usable]
-        dropped = int(at_site.sum()) - len(rows)
-        if dropped:
-            logger.warning("data: site %s: %d of %d rows dropped (missing label%s)",
-                           site, dropped, int(at_site.sum()),
-                           " or feature" if spec.drop_incomplete else "")
-        if rows.empty:
-            raise DataError(f"site {site!r} has no usable rows: all "
-                            f"{int(at_site.sum())} have a missing label"
-                            f"{' or feature' if spec.drop_incomplete else ''}")
-        check_site(site, rows)
+        rows = site_rows(table, usable, spec, site)
         return SiteRows(site, rows, numeric, categorical)
 
 
