@@ -34,6 +34,7 @@ from prifed.core.messages import TrainInstruction
 from prifed.core.params import ParameterSet, params_from_bytes, params_to_bytes
 from prifed.deploy import auth, wire
 from prifed.deploy.errors import CoordinatorError
+from prifed.deploy.fhirsite import FhirSource
 from prifed.deploy.pki import generate_site_key, load_site_key, public_key_bytes, \
     write_private_key
 from prifed.deploy.sitedata import SiteRows, TableSource, build_client, split_rows, \
@@ -218,9 +219,11 @@ class SiteAgent:
     """One site's agent: join once, then take tasks until the run is done."""
 
     options: AgentOptions
-    source: TableSource
+    source: TableSource | FhirSource
     events: EventHook | None = None
     handlers: dict[str, ExchangeHandler] = field(default_factory=dict)
+    update_labels: dict[str, str] = field(default_factory=dict)
+    """Metadata added to every update, such as the FHIR spec hash."""
     wrap_client: Callable[[SiteClient], Any] | None = None
     """Wraps the site's trainer, such as in an encrypting client; None: as is."""
     client: CoordinatorClient | None = None
@@ -455,7 +458,7 @@ class SiteAgent:
                 return None
             raise
         payload = wire.encode_update(reply.params, reply.extra, self.options.site,
-                                     server_round)
+                                     server_round, self.update_labels)
         pending = _Pending(server_round, payload, int(reply.num_samples),
                            wire.to_json(reply.metrics),
                            client_state(self._base_client or trainer,

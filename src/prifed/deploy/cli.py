@@ -220,6 +220,11 @@ def site(
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for torch (default: torch's choice, one per core); "
              "use 1 when several agents share a machine")] = None,
+    fhir: Annotated[Path | None, typer.Option(
+        help="FHIR export (bundles or NDJSON) to build this site's table from; "
+             "needs --fhir-spec")] = None,
+    fhir_spec: Annotated[Path | None, typer.Option(
+        help="the federation's FHIR feature spec (TOML), used unchanged")] = None,
     privacy_dir: Annotated[Path | None, typer.Option(
         help="this site's privacy folder (policy file and ledger): train only "
              "with DP, within the site's own limit")] = None,
@@ -255,7 +260,20 @@ def site(
     options = AgentOptions(coordinator_url, ca, name, state_dir, token,
                            chunk_bytes=chunk_kib * 1024, long_poll_seconds=long_poll,
                            max_offline_seconds=max_offline)
+    if (fhir is None) != (fhir_spec is None):
+        raise ConfigError("--fhir and --fhir-spec go together; got only "
+                          + ("--fhir" if fhir is not None else "--fhir-spec"))
+    if fhir is not None and data is not None:
+        raise ConfigError("use --data or --fhir, not both")
     agent = SiteAgent(options, TableSource(data, spec))
+    if fhir is not None and fhir_spec is not None:
+        from prifed.deploy.fhirsite import SPEC_HASH_KEY, FhirSource, with_spec_hash
+
+        source = FhirSource(fhir, fhir_spec)
+        agent.source = source
+        agent.handlers["statistics"] = with_spec_hash(agent.handlers["statistics"],
+                                                      source.digest)
+        agent.update_labels[SPEC_HASH_KEY] = source.digest
     if privacy_dir is not None:
         from prifed.deploy.dpsite import private_client
 

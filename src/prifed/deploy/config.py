@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prifed.deploy.dpsite import PrivacySection
+from prifed.deploy.fhirsite import FhirSection
 from prifed.errors import ConfigError
 
 MIB = 1024 * 1024
@@ -118,6 +119,7 @@ class FederationConfig(_Section):
     coordinator: CoordinatorSection = CoordinatorSection()
     limits: LimitsSection = LimitsSection()
     privacy: PrivacySection | None = None
+    fhir: FhirSection | None = None
     base_dir: Path = Path(".")
 
     @model_validator(mode="after")

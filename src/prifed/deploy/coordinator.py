@@ -37,6 +37,8 @@ from prifed.core.params import ParameterSet, is_float, params_from_bytes, \
 from prifed.deploy import wire
 from prifed.deploy.config import FederationConfig
 from prifed.deploy.dpsite import private_strategy
+from prifed.deploy.fhirsite import SPEC_HASH_KEY, check_spec_hash, \
+    expected_spec_hash
 from prifed.deploy.errors import RequestRejected, ServiceStopped
 from prifed.deploy.pki import PkiPaths
 from prifed.deploy.server import build_app
@@ -94,6 +96,11 @@ class Coordinator:
         self.transport = NetworkTransport(self.store, config, self.board, self.models,
                                           ordered=config.rounds.ordered_replies)
         self.initial_model = None if initial_model is None else dict(initial_model)
+        self.spec_hash = expected_spec_hash(config)
+        if self.spec_hash is not None:
+            expected = self.spec_hash
+            self.transport.check_labels = lambda site, labels: check_spec_hash(
+                expected, site, labels.get(SPEC_HASH_KEY), "an update")
         self.strategy = strategy
         self.port = config.coordinator.port if port is None else port
         self.app: FastAPI = build_app(config, self.store, self.transport, self.board,
@@ -297,6 +304,7 @@ class Coordinator:
 
     def _validate_statistics(self, site: str, body: bytes) -> None:
         stats = parse_statistics(site, body)
+        check_spec_hash(self.spec_hash, site, stats.fhir_spec_hash, "statistics")
         training = self.config.training
         for name, pinned, sent in (("numeric", training.numeric, stats.numeric),
                                    ("categorical", training.categorical,

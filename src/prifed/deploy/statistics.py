@@ -29,6 +29,8 @@ class StatisticsBody(BaseModel):
     total: dict[str, float]
     squared_deviations: dict[str, float]
     levels: dict[str, list[str]]
+    fhir_spec_hash: str | None = None
+    """Hash of the FHIR feature spec a site built its table with, if any."""
 
 
 def parse_statistics(site: str, body: bytes) -> StatisticsBody:

@@ -241,6 +241,8 @@ class NetworkTransport:
         self._stopped = False
         self.finished = False
         self.check_reply: ReplyCheck = default_reply_check
+        self.check_labels: Callable[[str, Mapping[str, str]], None] | None = None
+        """Checks a site's update metadata, such as its FHIR spec hash."""
 
     # The Transport protocol.
 
@@ -645,6 +647,8 @@ class NetworkTransport:
                 raise RequestRejected(400, "wrong_metadata",
                                       f"update metadata {key!r} must be {value!r}; "
                                       f"got {metadata.get(key)!r}")
+        if self.check_labels is not None:
+            self.check_labels(site, metadata)
         params, extra = wire.split_update(tensors, list(state.reference))
         wire.check_finite_extra(site, extra)
         reply = TrainReply(site, row.round, params, row.num_samples, {}, extra)

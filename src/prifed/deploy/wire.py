@@ -106,12 +106,17 @@ def decode_tensors(data: bytes, limit: int, subject: str
 
 
 def encode_update(params: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray],
-                  site: str, server_round: int) -> bytes:
-    """Serialise a site's reply: model tensors, then extra tensors under ``extra/``."""
+                  site: str, server_round: int,
+                  labels: Mapping[str, str] | None = None) -> bytes:
+    """Serialise a site's reply: model tensors, then extra tensors under ``extra/``.
+
+    ``labels`` are added to the metadata, such as the FHIR spec hash.
+    """
     tensors: dict[str, np.ndarray] = dict(params)
     for name, value in extra.items():
         tensors[EXTRA_PREFIX + name] = value
-    metadata = {"format": UPDATE_FORMAT, "site": site, "round": str(server_round)}
+    metadata = {**(labels or {}), "format": UPDATE_FORMAT, "site": site,
+                "round": str(server_round)}
     return encode_tensors(tensors, metadata)
 
 
