@@ -1,5 +1,7 @@
 # Shared by the quick-start scripts: create or reuse .venv and install PriFed.
-# Usage: source scripts/_venv.sh [extras]
+# Usage: [extras=dev] source scripts/_venv.sh
+# A sourced file sees the caller's arguments as $1, so the extras come in a
+# variable.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${PRIFED_VENV:-$root/.venv}"
@@ -9,7 +11,7 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "creating virtual environment in $venv" >&2
   "$python" -m venv "$venv"
 fi
-extras="${1:-}"
+extras="${extras:-}"
 target="$root"
 [ -n "$extras" ] && target="$root[$extras]"
 # torch==2.13.0 is pinned in pyproject.toml, so pip takes the CPU wheel.
