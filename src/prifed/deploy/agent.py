@@ -37,6 +37,7 @@ from prifed.deploy.errors import CoordinatorError
 from prifed.deploy.fhirsite import FhirSource
 from prifed.deploy.pki import generate_site_key, load_site_key, public_key_bytes, \
     write_private_key
+from prifed.deploy.secure import install_site_handlers
 from prifed.deploy.sitedata import SiteRows, TableSource, build_client, split_rows, \
     statistics_body
 from prifed.deploy.store import write_atomic
@@ -236,6 +237,7 @@ class SiteAgent:
 
     def __post_init__(self) -> None:
         self.handlers.setdefault("statistics", self._statistics)
+        install_site_handlers(self)
 
     @property
     def folder(self) -> Path:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -67,6 +67,8 @@ class TrainingSection(_Section):
     evaluate_every: int = Field(default=1, ge=1)
     numeric: list[str] | None = None
     categorical: list[str] | None = None
+    secure_aggregation: Literal["off", "secagg", "secagg+"] = "off"
+    """secagg or secagg+: sites send a masked sum, never their updates."""
 
     def local_config(self) -> dict[str, Any]:
         """Return the settings every site receives with its training task."""
@@ -82,6 +84,8 @@ class RoundsSection(_Section):
     attempts: int = Field(default=3, ge=1)
     evaluate_deadline_seconds: float = Field(default=120.0, gt=0)
     setup_deadline_seconds: float = Field(default=900.0, gt=0)
+    phase_deadline_seconds: float = Field(default=60.0, gt=0)
+    """Deadline of each secure-aggregation phase; silent sites count as dropped."""
     ordered_replies: bool = True
 
 

@@ -41,6 +41,7 @@ from prifed.deploy.fhirsite import SPEC_HASH_KEY, check_spec_hash, \
     expected_spec_hash
 from prifed.deploy.errors import RequestRejected, ServiceStopped
 from prifed.deploy.pki import PkiPaths
+from prifed.deploy.secure import check_secure_settings, secure_network_transport
 from prifed.deploy.server import build_app
 from prifed.deploy.statistics import parse_statistics, to_site_statistics
 from prifed.deploy.store import SITE_JOINED, SITE_REVOKED, ModelRow, Store, \
@@ -102,6 +103,7 @@ class Coordinator:
             self.transport.check_labels = lambda site, labels: check_spec_hash(
                 expected, site, labels.get(SPEC_HASH_KEY), "an update")
         self.strategy = strategy
+        check_secure_settings(config, strategy)
         self.port = config.coordinator.port if port is None else port
         self.app: FastAPI = build_app(config, self.store, self.transport, self.board,
                                       self._lifespan)
@@ -211,7 +213,9 @@ class Coordinator:
             local_config=training.local_config(), **training.strategy_options)
         strategy = private_strategy(self.config, strategy)
         self.transport.check_reply = strategy_reply_check(strategy)
-        engine = DeployedEngine(self, strategy, self.transport, training.rounds,
+        transport = secure_network_transport(self.config, strategy, self.transport,
+                                             params)
+        engine = DeployedEngine(self, strategy, transport, training.rounds,
                                 seed=self.config.federation.seed,
                                 evaluate_every=training.evaluate_every,
                                 on_round=self._on_round)
