@@ -138,8 +138,8 @@ class SecureNetworkTransport:
                       "extra": sorted(i.extra)} for i in instructions]
         if inner.store.round_row(server_round) is None:
             inner.store.open_round(server_round, described)
-        # A fresh session per attempt: the masks of a round interrupted by a
-        # restart live only in the sites' memory, so its replies are not reused.
+        # A fresh exchange id per call: the masks of a round interrupted by a
+        # restart live only in the sites' memory, so stored replies are useless.
         session = f"secagg-{server_round}-{secrets.token_hex(6)}"
         outcome = SecureRound()
         metrics = self._train(server_round, session, instructions, outcome)
@@ -267,7 +267,7 @@ def _check_framing(site: str, body: bytes) -> None:
 
 
 class SiteSecureAggregation:
-    """The site side: train without uploading, then answer each protocol phase.
+    """The site side: train without uploading, then reply to each protocol phase.
 
     The update lives only in this object's memory, so a site that restarts
     during a round leaves that round (the coordinator counts it as dropped).
@@ -286,8 +286,8 @@ class SiteSecureAggregation:
         self.encoders.clear()
         trainer = self.agent.trainer(settings["setup"])
         params = self.agent.model(int(settings["model_version"]))
-        # Training may write into the arrays it was given or returned, and the
-        # masks are computed phases later, so the client keeps copies.
+        # The masks are computed phases after training, so the client keeps
+        # its own copies of both parameter sets, in name order.
         reference = sorted_copy(params)
         instruction = TrainInstruction(site, server_round,
                                        dict(settings.get("config") or {}), {})
@@ -306,7 +306,7 @@ class SiteSecureAggregation:
         return wire.dumps({"status": "trained", "metrics": wire.to_json(reply.metrics)})
 
     def phase(self, request: bytes, task: dict[str, Any]) -> bytes:
-        """Answer one secure-aggregation request with the site's SecAggClient."""
+        """Reply to one secure-aggregation request with the site's SecAggClient."""
         message = unpack_message(request)
         server_round = message.get("round")
         encoder = self.encoders.get(server_round)  # type: ignore[arg-type]
