@@ -225,6 +225,9 @@ def site(
              "needs --fhir-spec")] = None,
     fhir_spec: Annotated[Path | None, typer.Option(
         help="the federation's FHIR feature spec (TOML), used unchanged")] = None,
+    he_key: Annotated[Path | None, typer.Option(
+        help="the CKKS site context with the secret key (prifed he keygen), for "
+             "a federation with homomorphic aggregation")] = None,
     privacy_dir: Annotated[Path | None, typer.Option(
         help="this site's privacy folder (policy file and ledger): train only "
              "with DP, within the site's own limit")] = None,
@@ -266,6 +269,10 @@ def site(
     if fhir is not None and data is not None:
         raise ConfigError("use --data or --fhir, not both")
     agent = SiteAgent(options, TableSource(data, spec))
+    if he_key is not None:
+        from prifed.deploy.hesite import HESiteAgent
+
+        agent = HESiteAgent(options, TableSource(data, spec), key_file=he_key)
     if fhir is not None and fhir_spec is not None:
         from prifed.deploy.fhirsite import SPEC_HASH_KEY, FhirSource, with_spec_hash
 

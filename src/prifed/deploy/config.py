@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from prifed.deploy.dpsite import PrivacySection
 from prifed.deploy.fhirsite import FhirSection
+from prifed.deploy.heconfig import HomomorphicSection
 from prifed.errors import ConfigError
 
 MIB = 1024 * 1024
@@ -124,6 +125,7 @@ class FederationConfig(_Section):
     limits: LimitsSection = LimitsSection()
     privacy: PrivacySection | None = None
     fhir: FhirSection | None = None
+    homomorphic: HomomorphicSection | None = None
     base_dir: Path = Path(".")
 
     @model_validator(mode="after")

@@ -39,6 +39,7 @@ from prifed.deploy.config import FederationConfig
 from prifed.deploy.dpsite import private_strategy
 from prifed.deploy.fhirsite import SPEC_HASH_KEY, check_spec_hash, \
     expected_spec_hash
+from prifed.deploy.heconfig import homomorphic_strategy, setup_block
 from prifed.deploy.errors import RequestRejected, ServiceStopped
 from prifed.deploy.pki import PkiPaths
 from prifed.deploy.secure import check_secure_settings, secure_network_transport
@@ -211,6 +212,7 @@ class Coordinator:
         strategy = self.strategy or build_strategy(
             training.strategy, sites_per_round=training.sites_per_round,
             local_config=training.local_config(), **training.strategy_options)
+        strategy = homomorphic_strategy(self.config, strategy)
         strategy = private_strategy(self.config, strategy)
         self.transport.check_reply = strategy_reply_check(strategy)
         transport = secure_network_transport(self.config, strategy, self.transport,
@@ -258,7 +260,8 @@ class Coordinator:
                 "seed": seed, "test_fraction": self.config.training.test_fraction,
                 "model": self.config.training.model, "model_seed": seed,
                 "client_seed": seed + position,
-                "preprocessor": stored["preprocessors"][site]}
+                "preprocessor": stored["preprocessors"][site],
+                **setup_block(self.config)}
 
     def _gather_statistics(self) -> dict[str, Any]:
         """Ask every site for its statistics and merge them into preprocessors."""
