@@ -1,4 +1,4 @@
-"""A deployed CKKS run of the four heart sites against ``prifed simulate --homomorphic``.
+"""A deployed CKKS run of the four heart sites against `prifed simulate --homomorphic`.
 
 The coordinator holds only the context without the secret key, so every model
 version after the public initial one is a ciphertext on its disk. The sites
