@@ -456,7 +456,7 @@ class SiteAgent:
             self.client.json("POST", f"/v1/rounds/{server_round}/failure",
                              {"reason": reason})
             if isinstance(error, (PolicyError, BudgetExhausted)):
-                # The site's own privacy rules refuse the round; it stays in the run.
+                # The site's privacy policy rejects this round, and the agent goes on.
                 return None
             raise
         payload = wire.encode_update(reply.params, reply.extra, self.options.site,

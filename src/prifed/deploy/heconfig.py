@@ -2,8 +2,8 @@
 
 The ``[homomorphic]`` section names the coordinator's context file (from
 ``prifed he keygen``, without the secret key). The coordinator then wraps its
-strategy in :class:`~prifed.he.strategy.HomomorphicStrategy` and tells every
-site, in its setup block, which server optimiser to run on the decrypted sums.
+strategy in :class:`~prifed.he.strategy.HomomorphicStrategy` and names, in
+every site's setup block, the server optimiser to run on the decrypted sums.
 The site side is :mod:`prifed.deploy.hesite`.
 """
 

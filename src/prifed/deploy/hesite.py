@@ -61,9 +61,8 @@ class HESiteAgent(SiteAgent):
         initial = client.model_factory()
         site = HESite(client.name, read_key_file(self.key_file), optimizer,
                       trainable_names(initial))
-        # Start from the model as built, in the coordinator's tensor order: the
-        # CKKS layout depends on that order, and downloads may list tensors in
-        # another one. Version 0 must then have the same digest, which is checked.
+        # The CKKS layout depends on tensor order, and a downloaded model lists
+        # tensors by name, so start from the model as built (version 0's digest).
         site.start(get_params(initial))
         return HESiteClient(client, site)
 
