@@ -189,6 +189,9 @@ def test_config_defaults_match_simulate():
     ({"federation": {"name": "x", "sites": ["A", "B"]},
       "training": {"sites_per_round": 1}, "rounds": {"min_sites": 2}},
      "rounds.min_sites (2) must be at most training.sites_per_round (1)"),
+    ({"federation": {"name": "x", "sites": ["A", "B"]},
+      "training": {"strategy": "fedbuff"}},
+     "strategy 'fedbuff' runs asynchronously"),
 ])
 def test_invalid_config_names_the_key(raw, fragment):
     with pytest.raises(ConfigError) as caught:

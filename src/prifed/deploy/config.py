@@ -71,6 +71,15 @@ class TrainingSection(_Section):
     secure_aggregation: Literal["off", "secagg", "secagg+"] = "off"
     """secagg or secagg+: sites send a masked sum, never their updates."""
 
+    @model_validator(mode="after")
+    def _synchronous_strategy(self) -> TrainingSection:
+        if self.strategy.lower() == "fedbuff":
+            raise ValueError("strategy 'fedbuff' runs asynchronously, which the "
+                             "deployed coordinator does not support yet; use it "
+                             "in prifed simulate, or choose a synchronous "
+                             "strategy such as fedavg or fedyogi")
+        return self
+
     def local_config(self) -> dict[str, Any]:
         """Return the settings every site receives with its training task."""
         return {"local_steps": self.local_steps, "batch_size": self.batch_size,
