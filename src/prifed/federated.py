@@ -72,18 +72,37 @@ class FederatedRun:
     asynchronous: bool
 
 
+def spec_options(spec: StrategySpec, settings: RunSettings) -> dict[str, Any]:
+    """Merge the run's shared strategy options that apply with the spec's own."""
+    options = {k: v for k, v in settings.shared_options.items()
+               if k in strategy_options(STRATEGIES[spec.name])}
+    options.update(spec.options)
+    return options
+
+
+def build_spec_strategy(spec: StrategySpec, settings: RunSettings,
+                        options: Mapping[str, Any] | None = None) -> Any:
+    """Build the strategy a spec names, with the run's sampling and local settings."""
+    chosen = spec_options(spec, settings) if options is None else dict(options)
+    return build_strategy(spec.name, sites_per_round=settings.sites_per_round,
+                          local_config=settings.local_config, **chosen)
+
+
+def build_clients(sites: Sequence[PreparedSite],
+                  model_factory: Callable[[], nn.Module],
+                  settings: RunSettings) -> list[SiteClient]:
+    """Build one plain site client per site, seeded by its position."""
+    return [SiteClient(s.name, model_factory, s.train_x, s.train_y, s.test_x,
+                       s.test_y, settings.seed + i, settings.personalization)
+            for i, s in enumerate(sites)]
+
+
 def run_federated(spec: StrategySpec, sites: Sequence[PreparedSite],
                   model_factory: Callable[[], nn.Module], settings: RunSettings,
                   progress: RoundProgress | None = None) -> FederatedRun:
     """Train one strategy on the sites and return its curve in simulated time."""
-    options = {k: v for k, v in settings.shared_options.items()
-               if k in strategy_options(STRATEGIES[spec.name])}
-    options.update(spec.options)
-    strategy = build_strategy(spec.name, sites_per_round=settings.sites_per_round,
-                              local_config=settings.local_config, **options)
-    clients = [SiteClient(s.name, model_factory, s.train_x, s.train_y, s.test_x,
-                          s.test_y, settings.seed + i, settings.personalization)
-               for i, s in enumerate(sites)]
+    strategy = build_spec_strategy(spec, settings)
+    clients = build_clients(sites, model_factory, settings)
     steps = int(settings.local_config.get("local_steps", 100))
     timeline = SiteTimeline([s.name for s in sites], settings.profiles,
                             settings.step_seconds, steps * settings.step_seconds,

@@ -23,7 +23,8 @@ logger = get_logger(__name__)
 
 MIN_SITE_ROWS = 4
 NUMERIC_SHARE = 0.9
-"""Share of parsable numbers above which a text column is taken as a typo'd number."""
+"""Share of parsable values above which a text column counts as numbers with
+a few mistyped values."""
 MAX_LEVELS = 50
 IDENTIFIER_SHARE = 0.2
 """A categorical column with over MAX_LEVELS levels and over this share of

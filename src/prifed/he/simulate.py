@@ -109,23 +109,17 @@ def run_homomorphic_spec(spec: Any, sites: Sequence[Any],
     because a site that a simulated availability window keeps offline would
     miss an aggregate.
     """
-    from prifed.federated import FederatedRun
-    from prifed.strategies import STRATEGIES, build_strategy, strategy_options
-    from prifed.training.client import SiteClient
+    from prifed.federated import FederatedRun, build_clients, build_spec_strategy, \
+        spec_options
     from prifed.training.models import get_params, trainable_names
     from prifed.transport.inprocess import InProcessTransport
 
     if settings.profiles:
         raise NotSupportedError("simulated site speeds and availability do not "
                                 "apply to homomorphic runs; leave them unset")
-    chosen = {k: v for k, v in settings.shared_options.items()
-              if k in strategy_options(STRATEGIES[spec.name])}
-    chosen.update(spec.options)
-    plain = build_strategy(spec.name, sites_per_round=settings.sites_per_round,
-                           local_config=settings.local_config, **chosen)
-    clients = [SiteClient(s.name, model_factory, s.train_x, s.train_y, s.test_x,
-                          s.test_y, settings.seed + i, settings.personalization)
-               for i, s in enumerate(sites)]
+    chosen = spec_options(spec, settings)
+    plain = build_spec_strategy(spec, settings, chosen)
+    clients = build_clients(sites, model_factory, settings)
     initial = model_factory()
     params, trainable = get_params(initial), trainable_names(initial)
     evaluate_every = int(getattr(settings, "evaluate_every", 1))

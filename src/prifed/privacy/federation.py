@@ -257,17 +257,12 @@ def run_private_spec(spec: Any, sites: Sequence[PreparedSite],
     ``secure_aggregation`` (off, secagg, secagg+) masks the updates; it
     defaults to the mode in ``settings``.
     """
-    from prifed.federated import FederatedRun
-    from prifed.strategies import STRATEGIES, build_strategy, strategy_options
+    from prifed.federated import FederatedRun, build_spec_strategy
 
     if settings.profiles:
         raise NotSupportedError("simulated site speeds and availability do not "
                                 "apply to DP runs; leave them unset")
-    chosen = {k: v for k, v in settings.shared_options.items()
-              if k in strategy_options(STRATEGIES[spec.name])}
-    chosen.update(spec.options)
-    strategy = build_strategy(spec.name, sites_per_round=settings.sites_per_round,
-                              local_config=settings.local_config, **chosen)
+    strategy = build_spec_strategy(spec, settings)
     if secure_aggregation is None:
         secure_aggregation = getattr(settings, "secure_aggregation", "off")
     run = run_private(strategy, sites, model_factory, settings.rounds, settings.seed,
