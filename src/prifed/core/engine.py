@@ -34,15 +34,6 @@ class RoundRecord:
     seconds: float = 0.0
 
 
-@dataclass
-class EngineState:
-    """Everything needed to resume a run after a given round."""
-
-    completed_rounds: int
-    params: ParameterSet
-    rng_state: dict
-
-
 class RoundEngine:
     """Run rounds of configure, train, validate, aggregate and evaluate."""
 
