@@ -7,7 +7,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -33,7 +33,7 @@ def root() -> None:
     """PriFed: privacy-preserving federated learning for health AI."""
 
 
-def _split(values: Optional[str]) -> list[str] | None:
+def _split(values: str | None) -> list[str] | None:
     if values is None:
         return None
     return [v.strip() for v in values.split(",") if v.strip()]
@@ -68,7 +68,7 @@ def close_logging() -> None:
             handler.close()
 
 
-def _site_values(text: Optional[str], option: str) -> dict[str, float]:
+def _site_values(text: str | None, option: str) -> dict[str, float]:
     values: dict[str, float] = {}
     for item in _split(text) or []:
         site, sep, number = item.rpartition("=")
@@ -82,7 +82,7 @@ def _site_values(text: Optional[str], option: str) -> dict[str, float]:
     return values
 
 
-def _site_profiles(speed: Optional[str], availability: Optional[str],
+def _site_profiles(speed: str | None, availability: str | None,
                    profile: Any) -> dict[str, Any]:
     speeds = _site_values(speed, "--site-speed")
     shares = _site_values(availability, "--site-availability")
@@ -92,24 +92,24 @@ def _site_profiles(speed: Optional[str], availability: Optional[str],
 
 @app.command()
 def simulate(
-    data: Annotated[Optional[Path], typer.Option(
+    data: Annotated[Path | None, typer.Option(
         help="CSV with one row per patient; default: the shipped four-centre "
              "UCI heart disease data")] = None,
-    site_column: Annotated[Optional[str], typer.Option(
+    site_column: Annotated[str | None, typer.Option(
         help="column naming each row's site")] = None,
-    label: Annotated[Optional[str], typer.Option(help="label column")] = None,
-    label_threshold: Annotated[Optional[float], typer.Option(
+    label: Annotated[str | None, typer.Option(help="label column")] = None,
+    label_threshold: Annotated[float | None, typer.Option(
         help="a label value >= this is positive (for scores such as 0-4)")] = None,
-    numeric: Annotated[Optional[str], typer.Option(
+    numeric: Annotated[str | None, typer.Option(
         help="comma-separated numeric feature columns (default: detected)")] = None,
-    categorical: Annotated[Optional[str], typer.Option(
+    categorical: Annotated[str | None, typer.Option(
         help="comma-separated categorical feature columns (default: detected)")
     ] = None,
-    drop: Annotated[Optional[str], typer.Option(
+    drop: Annotated[str | None, typer.Option(
         help="comma-separated columns to ignore, such as record ids")] = None,
     drop_incomplete: Annotated[bool, typer.Option(
         help="drop rows with a missing feature instead of imputing")] = False,
-    sites: Annotated[Optional[str], typer.Option(
+    sites: Annotated[str | None, typer.Option(
         help="comma-separated sites to include (default: all)")] = None,
     model: Annotated[str, typer.Option(help="logreg or mlp")] = "logreg",
     strategy: Annotated[str, typer.Option(
@@ -122,7 +122,7 @@ def simulate(
     batch_size: Annotated[int, typer.Option(help="rows per mini-batch")] = 4,
     lr: Annotated[float, typer.Option(
         help="local SGD learning rate (FLamby's protocol uses 0.001)")] = 0.01,
-    sites_per_round: Annotated[Optional[int], typer.Option(
+    sites_per_round: Annotated[int | None, typer.Option(
         help="sites sampled per round (default: all)")] = None,
     standardize: Annotated[str, typer.Option(
         help="federated (one mean/std merged from site statistics) or site "
@@ -131,21 +131,21 @@ def simulate(
         help="also train the site-local and pooled baselines")] = True,
     seed: Annotated[int, typer.Option(help="seed of splits, weights and "
                                            "shuffling")] = 42,
-    split_seed: Annotated[Optional[int], typer.Option(
+    split_seed: Annotated[int | None, typer.Option(
         help="seed of the train/test splits only (default: --seed)")] = None,
-    personal_layers: Annotated[Optional[str], typer.Option(
+    personal_layers: Annotated[str | None, typer.Option(
         help="comma-separated tensor names or module prefixes each site keeps "
              "local, e.g. linear.bias; adds a personalised row per strategy")
     ] = None,
     finetune_steps: Annotated[int, typer.Option(
         help="local fine-tuning steps before a site scores its personalised "
              "model (0: none)")] = 0,
-    finetune_lr: Annotated[Optional[float], typer.Option(
+    finetune_lr: Annotated[float | None, typer.Option(
         help="fine-tuning learning rate (default: --lr)")] = None,
-    site_speed: Annotated[Optional[str], typer.Option(
+    site_speed: Annotated[str | None, typer.Option(
         help="comma-separated SITE=SPEED, relative training speed in simulated "
              "time (0.1: ten times slower)")] = None,
-    site_availability: Annotated[Optional[str], typer.Option(
+    site_availability: Annotated[str | None, typer.Option(
         help="comma-separated SITE=FRACTION of time windows a site is online")
     ] = None,
     step_seconds: Annotated[float, typer.Option(
@@ -162,19 +162,19 @@ def simulate(
     dp: Annotated[str, typer.Option(
         help="differential privacy: off, record (DP-SGD at each site) or site "
              "(DP-FedAvg on clipped site updates)")] = "off",
-    epsilon: Annotated[Optional[float], typer.Option(
+    epsilon: Annotated[float | None, typer.Option(
         help="target epsilon of the run; the noise is calibrated to it")] = None,
     delta: Annotated[float, typer.Option(help="delta of the DP guarantee")] = 1e-5,
-    noise_multiplier: Annotated[Optional[float], typer.Option(
+    noise_multiplier: Annotated[float | None, typer.Option(
         help="noise standard deviation over the clip norm, instead of --epsilon")
     ] = None,
-    clip_norm: Annotated[Optional[float], typer.Option(
+    clip_norm: Annotated[float | None, typer.Option(
         help="L2 bound of each record's gradient (record) or each site's update "
              "(site); default 1.0 for record, 0.1 for site")] = None,
-    epsilon_limit: Annotated[Optional[float], typer.Option(
+    epsilon_limit: Annotated[float | None, typer.Option(
         help="limit written into simulated sites' policy files that do not "
              "exist yet (default: --epsilon)")] = None,
-    privacy_dir: Annotated[Optional[Path], typer.Option(
+    privacy_dir: Annotated[Path | None, typer.Option(
         help="folder with one privacy folder (policy, ledger) per site; reuse "
              "it to keep spending the same budgets (default: <run folder>/sites)")
     ] = None,
@@ -191,7 +191,7 @@ def simulate(
         help="mask site updates so the coordinator sees only their weighted "
              "sum: off, secagg (every site masks with every other) or secagg+ "
              "(with about 4 log2(n) neighbours)")] = "off",
-    out: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option(
         help="run folder (default: runs/<time>-<strategy>)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="log every round to the console")

@@ -76,7 +76,8 @@ def read_table(path: Path) -> pd.DataFrame:
                         f"header of {path}; give each column a unique name")
     try:
         table = pd.read_csv(path, sep=delimiter)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError,
+            UnicodeDecodeError) as error:
         raise DataError(f"cannot read {path} as CSV: {error}") from None
     if table.empty:
         raise DataError(f"data file {path} has no rows")
@@ -90,7 +91,8 @@ def _detect_delimiter(sample: str) -> str:
         return ","
 
 
-def resolve_features(table: pd.DataFrame, spec: TableSpec) -> tuple[list[str], list[str]]:
+def resolve_features(table: pd.DataFrame,
+                     spec: TableSpec) -> tuple[list[str], list[str]]:
     """Return the numeric and categorical feature columns, declared or detected.
 
     Undeclared columns are numeric when their values are numbers (booleans

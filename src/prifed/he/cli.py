@@ -6,7 +6,7 @@ TenSEAL is imported inside each command, so ``prifed --help`` stays fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -100,12 +100,12 @@ def keygen(
     precision: PrecisionOption = 1e-6,
     max_weight: WeightOption = 10_000.0,
     run: Annotated[str, typer.Option(help="label of the run this key serves")] = "",
-    degree: Annotated[Optional[int], typer.Option(
+    degree: Annotated[int | None, typer.Option(
         help="polynomial degree, to override the choice (with --coeff-bits and "
              "--scale-bits)")] = None,
-    coeff_bits: Annotated[Optional[str], typer.Option(
+    coeff_bits: Annotated[str | None, typer.Option(
         help="comma-separated prime sizes in bits, special prime last")] = None,
-    scale_bits: Annotated[Optional[int], typer.Option(
+    scale_bits: Annotated[int | None, typer.Option(
         help="scale as a power of two")] = None,
     force: Annotated[bool, typer.Option(
         help="overwrite existing context files")] = False,
@@ -125,7 +125,7 @@ def rotate(
         help="the current site context file")],
     out: Annotated[Path, typer.Option(help="folder for the new context files")],
     run: Annotated[str, typer.Option(help="label of the new run")] = "",
-    sites: Annotated[Optional[int], typer.Option(
+    sites: Annotated[int | None, typer.Option(
         "--sites", help="new maximum number of sites per aggregate (default: "
                         "unchanged)")] = None,
     force: Annotated[bool, typer.Option(

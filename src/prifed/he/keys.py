@@ -25,7 +25,7 @@ import json
 import os
 import secrets
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime, timezone, UTC
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +80,7 @@ def create_federation_key(params: CKKSParams, run: str = "") -> FederationKey:
                          encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC)
     context.global_scale = params.scale
     key = FederationKey(context, params, secrets.token_hex(16), run,
-                        datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                        datetime.now(UTC).isoformat(timespec="seconds"))
     logger.info("keygen: key %s, degree %d, primes %s, scale 2^%d, %d sites",
                 key.key_id, params.poly_modulus_degree,
                 list(params.coeff_mod_bit_sizes), params.scale_bits,
