@@ -16,6 +16,10 @@ from rich.measure import Measurement
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
+from prifed.cli_options import (CategoricalOption, DropIncompleteOption,
+                                DropOption, LabelOption, LabelThresholdOption,
+                                NumericOption)
+from prifed.cli_options import split_list as _split
 from prifed.data.tabular import TableSpec
 from prifed.deploy.cli import register as register_deploy
 from prifed.errors import PriFedError
@@ -31,12 +35,6 @@ console = Console(stderr=True)
 @app.callback()
 def root() -> None:
     """PriFed: privacy-preserving federated learning for health AI."""
-
-
-def _split(values: str | None) -> list[str] | None:
-    if values is None:
-        return None
-    return [v.strip() for v in values.split(",") if v.strip()]
 
 
 def configure_logging(verbose: bool, log_file: Path | None = None) -> None:
@@ -97,18 +95,12 @@ def simulate(
              "UCI heart disease data")] = None,
     site_column: Annotated[str | None, typer.Option(
         help="column naming each row's site")] = None,
-    label: Annotated[str | None, typer.Option(help="label column")] = None,
-    label_threshold: Annotated[float | None, typer.Option(
-        help="a label value >= this is positive (for scores such as 0-4)")] = None,
-    numeric: Annotated[str | None, typer.Option(
-        help="comma-separated numeric feature columns (default: detected)")] = None,
-    categorical: Annotated[str | None, typer.Option(
-        help="comma-separated categorical feature columns (default: detected)")
-    ] = None,
-    drop: Annotated[str | None, typer.Option(
-        help="comma-separated columns to ignore, such as record ids")] = None,
-    drop_incomplete: Annotated[bool, typer.Option(
-        help="drop rows with a missing feature instead of imputing")] = False,
+    label: LabelOption = None,
+    label_threshold: LabelThresholdOption = None,
+    numeric: NumericOption = None,
+    categorical: CategoricalOption = None,
+    drop: DropOption = None,
+    drop_incomplete: DropIncompleteOption = False,
     sites: Annotated[str | None, typer.Option(
         help="comma-separated sites to include (default: all)")] = None,
     model: Annotated[str, typer.Option(help="logreg or mlp")] = "logreg",

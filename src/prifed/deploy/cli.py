@@ -14,6 +14,10 @@ from typing import Annotated
 
 import typer
 
+from prifed.cli_options import (CategoricalOption, DropIncompleteOption,
+                                DropOption, LabelOption, LabelThresholdOption,
+                                NumericOption)
+from prifed.cli_options import split_list as _split
 from prifed.errors import ConfigError
 
 ca_app = typer.Typer(help="The federation's certificate authority, join tokens and "
@@ -54,12 +58,6 @@ def configure_service_logging(log_file: Path | None, verbose: bool) -> None:
     server_log.setLevel(logging.WARNING)
     for handler in handlers:
         server_log.addHandler(handler)
-
-
-def _split(values: str | None) -> list[str] | None:
-    if values is None:
-        return None
-    return [v.strip() for v in values.split(",") if v.strip()]
 
 
 @ca_app.command("init")
@@ -199,18 +197,12 @@ def site(
     site_column: Annotated[str | None, typer.Option(
         help="column naming each row's site; rows of other sites are ignored")
     ] = None,
-    label: Annotated[str | None, typer.Option(help="label column")] = None,
-    label_threshold: Annotated[float | None, typer.Option(
-        help="a label value >= this is positive (for scores such as 0-4)")] = None,
-    numeric: Annotated[str | None, typer.Option(
-        help="comma-separated numeric feature columns (default: detected)")] = None,
-    categorical: Annotated[str | None, typer.Option(
-        help="comma-separated categorical feature columns (default: detected)")
-    ] = None,
-    drop: Annotated[str | None, typer.Option(
-        help="comma-separated columns to ignore, such as record ids")] = None,
-    drop_incomplete: Annotated[bool, typer.Option(
-        help="drop rows with a missing feature instead of imputing")] = False,
+    label: LabelOption = None,
+    label_threshold: LabelThresholdOption = None,
+    numeric: NumericOption = None,
+    categorical: CategoricalOption = None,
+    drop: DropOption = None,
+    drop_incomplete: DropIncompleteOption = False,
     chunk_kib: Annotated[int, typer.Option(help="upload chunk size in KiB")] = 1024,
     long_poll: Annotated[float, typer.Option(
         help="seconds each long poll waits for work")] = 25.0,
