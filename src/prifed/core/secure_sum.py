@@ -162,6 +162,32 @@ class SecureSumTransport(Protocol):
         """Ask sites to evaluate the global model on their test sets."""
 
 
+class WrappedSecureTransport:
+    """Base of transports that wrap a plain one and deliver rounds as a private sum.
+
+    Site listing and evaluation go to the wrapped transport (evaluation
+    metrics are not masked); subclasses implement ``train_secure``.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def site_ids(self) -> list[str]:
+        """Return the sites of the wrapped transport."""
+        return list(self.inner.site_ids())
+
+    def train(self, server_round: int, params: Mapping[str, np.ndarray],
+              instructions: Sequence[TrainInstruction]) -> list[Any]:
+        """Raise: this transport delivers a private sum through train_secure."""
+        raise NotSupportedError("secure aggregation sends no individual update; "
+                                "the round engine calls train_secure instead")
+
+    def evaluate(self, server_round: int, params: Mapping[str, np.ndarray],
+                 sites: Sequence[str]) -> list[Any]:
+        """Evaluate through the wrapped transport."""
+        return list(self.inner.evaluate(server_round, params, sites))
+
+
 class SumMean:
     """A mean aggregator whose input is a private sum, not replies.
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from prifed.core.messages import EvaluateReply, Failure, TrainInstruction, TrainReply
+from prifed.core.messages import Failure, TrainInstruction
 from prifed.core.params import ParameterSet, copy_params
 from prifed.core.secure_sum import (
     Combiner,
@@ -34,6 +34,7 @@ from prifed.core.secure_sum import (
     MessageRejected,
     PrivateSum,
     PrivateSumAborted,
+    WrappedSecureTransport,
     SecureRound,
     pack_message,
     unpack_message,
@@ -105,27 +106,13 @@ def secure_network_transport(config: FederationConfig, strategy: object,
     return SecureNetworkTransport(inner, backend)
 
 
-class SecureNetworkTransport:
+class SecureNetworkTransport(WrappedSecureTransport):
     """The network transport with rounds delivered as a secure-aggregation sum."""
 
     def __init__(self, inner: NetworkTransport, backend: SecAggBackend) -> None:
-        self.inner = inner
+        super().__init__(inner)
+        self.inner: NetworkTransport = inner
         self.backend = backend
-
-    def site_ids(self) -> list[str]:
-        """Return the sites of the network transport."""
-        return self.inner.site_ids()
-
-    def train(self, server_round: int, params: Mapping[str, np.ndarray],
-              instructions: Sequence[TrainInstruction]) -> list[TrainReply]:
-        """Raise: this transport delivers a private sum through train_secure."""
-        raise NotSupportedError("secure aggregation sends no individual update; "
-                                "the round engine calls train_secure instead")
-
-    def evaluate(self, server_round: int, params: Mapping[str, np.ndarray],
-                 sites: Sequence[str]) -> list[EvaluateReply | Failure]:
-        """Evaluate through the network transport (metrics are not masked)."""
-        return self.inner.evaluate(server_round, params, sites)
 
     def train_secure(self, server_round: int, params: Mapping[str, np.ndarray],
                      instructions: Sequence[TrainInstruction]) -> SecureRound:

@@ -22,7 +22,8 @@ from prifed.core.messages import (
     TrainReply,
 )
 from prifed.core.params import copy_params
-from prifed.core.secure_sum import PrivateSumAborted, SecureRound, SiteEncoder
+from prifed.core.secure_sum import PrivateSumAborted, SecureRound, SiteEncoder, \
+    WrappedSecureTransport
 from prifed.errors import ConfigError, NotSupportedError, UpdateRejected
 from prifed.log import get_logger
 from prifed.secagg.config import SecAggConfig
@@ -50,29 +51,15 @@ class PlainTransport(Protocol):
                  sites: Sequence[str]) -> list[EvaluateReply | Failure]: ...
 
 
-class SecureAggregationTransport:
+class SecureAggregationTransport(WrappedSecureTransport):
     """Run local training in process, then one secure aggregation per round."""
 
     def __init__(self, inner: PlainTransport, backend: SecAggBackend,
                  dropouts: Dropouts | None = None) -> None:
-        self.inner = inner
+        super().__init__(inner)
+        self.inner: PlainTransport = inner
         self.backend = backend
         self.dropouts = dropouts
-
-    def site_ids(self) -> list[str]:
-        """Return the sites of the wrapped transport."""
-        return self.inner.site_ids()
-
-    def train(self, server_round: int, params: Mapping[str, np.ndarray],
-              instructions: Sequence[TrainInstruction]) -> list[TrainReply]:
-        """Raise: this transport delivers a private sum through train_secure."""
-        raise NotSupportedError("secure aggregation sends no individual update; "
-                                "the round engine calls train_secure instead")
-
-    def evaluate(self, server_round: int, params: Mapping[str, np.ndarray],
-                 sites: Sequence[str]) -> list[EvaluateReply | Failure]:
-        """Evaluate through the wrapped transport (metrics are not masked)."""
-        return self.inner.evaluate(server_round, params, sites)
 
     def train_secure(self, server_round: int, params: Mapping[str, np.ndarray],
                      instructions: Sequence[TrainInstruction]) -> SecureRound:
