@@ -158,7 +158,7 @@ def _looks_numeric(series: pd.Series, column: str) -> bool:
     parsed = pd.to_numeric(present, errors="coerce")
     if len(present) and parsed.notna().mean() >= NUMERIC_SHARE:
         line = _first_text_line(series)
-        raise DataError(f"column {column!r} is mostly numbers but line {line} holds "
+        raise DataError(f"column {column!r} is mostly numbers but line {line} contains "
                         "text; correct the value, or declare the column with "
                         "--categorical")
     return False
@@ -173,7 +173,7 @@ def _check_numeric(series: pd.Series, column: str) -> None:
     line = _first_text_line(series)
     if line is not None:
         raise DataError(f"column {column!r} is declared numeric but line {line} "
-                        "holds text; correct the value or leave the cell empty")
+                        "contains text; correct the value or leave the cell empty")
 
 
 def _first_text_line(series: pd.Series) -> int | None:
@@ -270,7 +270,7 @@ def split_sites(table: pd.DataFrame, spec: TableSpec, features: list[str],
     """Cut the table by site, keeping the order in which sites first appear.
 
     Rows without a label (and, with ``drop_incomplete``, rows with a missing
-    feature) are dropped and counted per site; a site left with no usable
+    feature) are dropped and counted per site. A site left with no usable
     rows is an error naming it.
     """
     table, usable = label_sites(table, spec, features)

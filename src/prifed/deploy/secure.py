@@ -59,7 +59,7 @@ logger = get_logger(__name__)
 TRAIN_CHANNEL = "secagg-train"
 PHASE_CHANNEL = "secagg"
 LEFT = "left"
-"""Phase of a site's reply that says it leaves the round (no update, bad request)."""
+"""Phase of a reply by which a site leaves the round (no update, bad request)."""
 
 
 def check_secure_settings(config: FederationConfig, strategy: object | None) -> None:
@@ -107,7 +107,7 @@ def secure_network_transport(config: FederationConfig, strategy: object,
 
 
 class SecureNetworkTransport(WrappedSecureTransport):
-    """The network transport with rounds delivered as a secure-aggregation sum."""
+    """Network transport that delivers each round as a secure-aggregation sum."""
 
     def __init__(self, inner: NetworkTransport, backend: SecAggBackend) -> None:
         super().__init__(inner)
