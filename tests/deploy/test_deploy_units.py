@@ -189,9 +189,13 @@ def test_config_defaults_match_simulate():
     ({"federation": {"name": "x", "sites": ["A", "B"]},
       "training": {"sites_per_round": 1}, "rounds": {"min_sites": 2}},
      "rounds.min_sites (2) must be at most training.sites_per_round (1)"),
+    ({"federation": {"name": "x", "sites": ["A", "B", "C"]},
+      "training": {"strategy": "fedbuff", "secure_aggregation": "secagg"}},
+     "training: strategy 'fedbuff' weighs each update"),
     ({"federation": {"name": "x", "sites": ["A", "B"]},
-      "training": {"strategy": "fedbuff"}},
-     "strategy 'fedbuff' runs asynchronously"),
+      "training": {"strategy": "FedBuff"},
+      "privacy": {"mode": "record", "noise_multiplier": 1.0}},
+     "cannot be combined with a [privacy] section"),
 ])
 def test_invalid_config_names_the_key(raw, fragment):
     with pytest.raises(ConfigError) as caught:

@@ -408,7 +408,8 @@ class SiteAgent:
     def train(self, task: dict[str, Any]) -> None:
         """Train on the round's model, or resend an update trained earlier."""
         server_round = int(task["round"])
-        label = f"round {server_round}/{task.get('num_rounds', '?')}"
+        label = str(task.get("label")
+                    or f"round {server_round}/{task.get('num_rounds', '?')}")
         trainer = self.trainer(task["setup"])
         pending = self._load_pending()
         if pending is not None and pending.server_round != server_round:

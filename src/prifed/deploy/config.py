@@ -72,12 +72,12 @@ class TrainingSection(_Section):
     """secagg or secagg+: sites send a masked sum, never their updates."""
 
     @model_validator(mode="after")
-    def _synchronous_strategy(self) -> TrainingSection:
-        if self.strategy.lower() == "fedbuff":
-            raise ValueError("strategy 'fedbuff' runs asynchronously, which the "
-                             "deployed coordinator does not support yet; use it "
-                             "in prifed simulate, or choose a synchronous "
-                             "strategy such as fedavg or fedyogi")
+    def _asynchronous_alone(self) -> TrainingSection:
+        if self.strategy.lower() == "fedbuff" and self.secure_aggregation != "off":
+            raise ValueError("strategy 'fedbuff' weighs each update by its own "
+                             "staleness, so it cannot run on masked sums; set "
+                             "secure_aggregation = \"off\" or choose a synchronous "
+                             "strategy such as fedavg")
         return self
 
     def local_config(self) -> dict[str, Any]:
@@ -151,6 +151,18 @@ class FederationConfig(_Section):
             raise ValueError(f"rounds.min_sites ({self.rounds.min_sites}) must be at "
                              f"most training.sites_per_round ({per_round}), or no "
                              "round could ever close")
+        return self
+
+    @model_validator(mode="after")
+    def _asynchronous_without_sums(self) -> FederationConfig:
+        if self.training.strategy.lower() != "fedbuff":
+            return self
+        for section in ("privacy", "homomorphic"):
+            if getattr(self, section) is not None:
+                raise ValueError(f"strategy 'fedbuff' cannot be combined with a "
+                                 f"[{section}] section yet: its accounting and sums "
+                                 "assume synchronous rounds; remove the section or "
+                                 "choose a synchronous strategy such as fedavg")
         return self
 
     @property

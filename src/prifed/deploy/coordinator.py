@@ -35,6 +35,7 @@ from prifed.core.messages import Failure, TrainReply
 from prifed.core.params import ParameterSet, is_float, params_from_bytes, \
     params_to_bytes, validate_update
 from prifed.deploy import wire
+from prifed.deploy.buffered import BufferedRun, load_records
 from prifed.deploy.config import FederationConfig
 from prifed.deploy.dpsite import private_strategy
 from prifed.deploy.fhirsite import SPEC_HASH_KEY, check_spec_hash, \
@@ -52,6 +53,7 @@ from prifed.deploy.transport import ModelShelf, NetworkTransport, ReplyCheck, \
 from prifed.errors import ConfigError, PriFedError
 from prifed.log import get_logger, redact, round_label
 from prifed.strategies import build_strategy
+from prifed.strategies.fedbuff import FedBuff
 
 logger = get_logger(__name__)
 
@@ -111,6 +113,8 @@ class Coordinator:
         self.server: uvicorn.Server | None = None
         self.exit_code = 1
         self.final_model: ParameterSet | None = None
+        self.asynchronous = False
+        """True once the run turned out to be FedBuff's asynchronous one."""
         self._started = time.time()
 
     # Serving.
@@ -215,6 +219,13 @@ class Coordinator:
         strategy = homomorphic_strategy(self.config, strategy)
         strategy = private_strategy(self.config, strategy)
         self.transport.check_reply = strategy_reply_check(strategy)
+        if isinstance(strategy, FedBuff):
+            self.asynchronous = True
+            final = BufferedRun(self.config, self.store, self.transport, self.models,
+                                strategy, on_version=self._on_version
+                                ).run(params, trainable)
+            self._finish(final, strategy.version)
+            return final
         transport = secure_network_transport(self.config, strategy, self.transport,
                                              params)
         engine = DeployedEngine(self, strategy, transport, training.rounds,
@@ -231,7 +242,7 @@ class Coordinator:
 
         final = engine.run(params, trainable, start_round=start) \
             if start <= training.rounds else params
-        self._finish(final)
+        self._finish(final, training.rounds)
         return final
 
     def _restore(self, latest: ModelRow, strategy: Strategy, engine: RoundEngine,
@@ -385,7 +396,14 @@ class Coordinator:
                     len(record.failures), len(record.rejected), accuracy,
                     record.seconds)
 
-    def _finish(self, final: ParameterSet) -> None:
+    def _on_version(self, record: dict[str, Any]) -> None:
+        losses = [u["metrics"].get("train_loss") for u in record["updates"]]
+        loss = _mean(losses)
+        logger.info("async: version %d done after %d tasks, mean train loss %.4f "
+                    "(%.1f s since start)", record["version"], record["tasks_done"],
+                    loss, record["seconds"])
+
+    def _finish(self, final: ParameterSet, final_version: int) -> None:
         self.final_model = final
         folder = self.config.state_dir
         preprocessing = self.store.get_meta("preprocessing") or {}
@@ -400,17 +418,21 @@ class Coordinator:
                      json.dumps(wire.to_json(self.summary()), indent=2).encode())
         self.transport.finished = True
         self.board.finish({"id": "done", "kind": "done",
-                           "final_version": self.config.training.rounds})
+                           "final_version": final_version})
         logger.info("done: final model written to %s",
                     folder / "final_model.safetensors")
 
     def summary(self) -> dict[str, Any]:
         """Return the run's summary: settings, rounds and final per-site metrics."""
-        records = self.store.round_records()
+        if self.asynchronous:
+            records = load_records(self.store)
+        else:
+            records = self.store.round_records()
         final = records[-1]["eval_metrics"] if records else {}
         return {"federation": self.config.federation.name,
                 "config": self.config.fingerprint(),
                 "participants": self.transport.participants,
+                "mode": "asynchronous" if self.asynchronous else "synchronous",
                 "rounds": records,
                 "final": {"per_site": final,
                           "mean_accuracy": _mean([m.get("accuracy") for m in

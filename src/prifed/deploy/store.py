@@ -252,6 +252,13 @@ class Store:
         with self.session() as session:
             session.merge(MetaRow(key=key, value=json.dumps(value)))
 
+    def meta_items(self, prefix: str) -> list[tuple[str, Any]]:
+        """Return the run-wide values whose keys start with ``prefix``, by key."""
+        with self.session() as session:
+            rows = session.scalars(select(MetaRow).where(
+                MetaRow.key.startswith(prefix, autoescape=True)).order_by(MetaRow.key))
+            return [(row.key, json.loads(row.value)) for row in rows]
+
     def bind_config(self, fingerprint: dict[str, Any], digest: str) -> None:
         """Remember the config of this run, or refuse a different one on resume."""
         stored = self.get_meta("config_digest")

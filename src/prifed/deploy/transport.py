@@ -191,6 +191,8 @@ class _TrainRound:
     arrivals: list[str]
     attempt: int
     deadline: float
+    model_version: int
+    asynchronous: bool = False
     closed: bool = False
     skip_reason: str | None = None
 
@@ -231,7 +233,8 @@ class NetworkTransport:
         self.participants: list[str] = list(config.federation.sites)
         self.setup_blocks: dict[str, dict[str, Any]] = {}
         self._cond = threading.Condition()
-        self._round: _TrainRound | None = None
+        self._rounds: dict[int, _TrainRound] = {}
+        self._ended: list[int] = []
         self._last_closed = 0
         self._evaluation: _Evaluation | None = None
         self._exchanges: dict[str, _Exchange] = {}
@@ -266,10 +269,15 @@ class NetworkTransport:
         self._close_round(state)
 
     def evaluate(self, server_round: int, params: Mapping[str, np.ndarray],
-                 sites: Sequence[str]) -> list[EvaluateReply | Failure]:
-        """Ask joined sites to evaluate this round's model; wait for the deadline."""
+                 sites: Sequence[str], label: str | None = None
+                 ) -> list[EvaluateReply | Failure]:
+        """Ask joined sites to evaluate this round's model; wait for the deadline.
+
+        ``server_round`` is the model version; ``label`` names it in the log
+        (by default "round N/M").
+        """
         self.models.publish(server_round, params)
-        label = round_label(server_round, self.num_rounds)
+        label = label or round_label(server_round, self.num_rounds)
         joined = {s.name for s in self.store.sites() if s.status == SITE_JOINED}
         state = _Evaluation(server_round, [s for s in sites if s in joined])
         stored = self.store.evaluations(server_round)
@@ -383,9 +391,15 @@ class NetworkTransport:
     # Training rounds.
 
     def _open_round(self, server_round: int, params: Mapping[str, np.ndarray],
-                    instructions: Sequence[TrainInstruction]) -> _TrainRound:
-        label = round_label(server_round, self.num_rounds)
-        self.models.publish(server_round - 1, params)
+                    instructions: Sequence[TrainInstruction],
+                    model_version: int | None = None) -> _TrainRound:
+        asynchronous = model_version is not None
+        if model_version is None:
+            label = round_label(server_round, self.num_rounds)
+            model_version = server_round - 1
+            self.models.publish(model_version, params)
+        else:
+            label = f"task {server_round} (model version {model_version})"
         described = [{"site": i.site, "config": wire.to_json(i.config),
                       "extra": sorted(i.extra)} for i in instructions]
         stored = self.store.round_row(server_round)
@@ -415,13 +429,14 @@ class NetworkTransport:
                             {i.site: i for i in instructions}, accepted, failed,
                             [s for s in order if s in accepted or s in failed],
                             attempt,
-                            time.monotonic() + self.config.rounds.deadline_seconds)
+                            time.monotonic() + self.config.rounds.deadline_seconds,
+                            model_version, asynchronous)
         for instruction in instructions:
             if instruction.extra:
                 self._extras[(server_round, instruction.site)] = wire.encode_tensors(
                     instruction.extra, {"round": str(server_round)})
         with self._cond:
-            self._round = state
+            self._rounds[server_round] = state
         for site in state.pending():
             self.board.post(site, self._train_task(state, state.instructions[site]))
         return state
@@ -429,7 +444,8 @@ class NetworkTransport:
     def _train_task(self, state: _TrainRound,
                     instruction: TrainInstruction) -> dict[str, Any]:
         return {"id": f"train:{state.number}", "kind": "train", "round": state.number,
-                "num_rounds": self.num_rounds, "model_version": state.number - 1,
+                "num_rounds": self.num_rounds, "model_version": state.model_version,
+                "label": state.label,
                 "config": wire.to_json(instruction.config),
                 "extra": bool(instruction.extra),
                 "setup": self.setup_blocks.get(instruction.site)}
@@ -516,12 +532,74 @@ class NetworkTransport:
 
     def _forget_round(self, state: _TrainRound) -> None:
         with self._cond:
-            if self._round is state:
-                self._round = None
+            if self._rounds.get(state.number) is state:
+                del self._rounds[state.number]
         for site in state.order:
             self.board.withdraw(site, f"train:{state.number}")
         for key in [k for k in self._extras if k[0] == state.number]:
             del self._extras[key]
+
+    # Asynchronous tasks: one site each, on any model version, many open at once.
+
+    def open_task(self, task: int, instruction: TrainInstruction, version: int,
+                  params: Mapping[str, np.ndarray]) -> None:
+        """Post one site's training task on model ``version`` (already published).
+
+        ``instruction.server_round`` must be ``task``, which the site echoes
+        in its upload. A task resumed after a restart whose update was
+        already accepted, or whose failure was reported, is queued as ended
+        at once, so :meth:`wait_for_ended` hands it over again.
+        """
+        if instruction.server_round != task:
+            raise ProtocolError(f"task {task}: instruction is for round "
+                                f"{instruction.server_round}")
+        state = self._open_round(task, params, [instruction], model_version=version)
+        with self._cond:
+            if not state.pending():
+                self._ended.append(task)
+                self._cond.notify_all()
+
+    def wait_for_ended(self, timeout: float) -> list[int]:
+        """Wait up to ``timeout`` seconds for ended tasks; list them as they came."""
+        with self._cond:
+            self._raise_if_stopped()
+            if not self._ended and timeout > 0:
+                self._cond.wait(timeout)
+                self._raise_if_stopped()
+            ended, self._ended = self._ended, []
+        return ended
+
+    def task_result(self, task: int) -> TrainReply | Failure:
+        """Return an ended task's reply, read back from disk, or its failure."""
+        with self._cond:
+            state = self._rounds[task]
+        site = state.order[0]
+        if site in state.accepted:
+            return self._load_reply(state, state.accepted[site])
+        return Failure(site, task, state.failed.get(site, "task ended without reply"))
+
+    def expire_task(self, task: int, reason: str) -> bool:
+        """Fail a task that is still waiting for its site; False if it has ended."""
+        with self._cond:
+            state = self._rounds.get(task)
+            if state is None or not state.pending():
+                return False
+            state.failed[state.order[0]] = reason
+            state.closed = True
+        self.board.withdraw(state.order[0], f"train:{task}")
+        return True
+
+    def close_task(self, task: int) -> None:
+        """Stop taking an update for a task and drop its unfinished uploads."""
+        with self._cond:
+            state = self._rounds.get(task)
+            if state is None:
+                return
+            for site in state.pending():
+                state.failed[site] = "the coordinator no longer wants this task"
+        self._close_round(state)
+        for upload in self.store.uploads_of_round(task):
+            self._discard_upload(upload.id)
 
     # Handlers: uploads of updates.
 
@@ -530,9 +608,9 @@ class NetworkTransport:
         if self.finished:
             raise RequestRejected(409, "run_finished", "the run is finished; no round "
                                   "takes updates")
-        state = self._round
-        if state is None or state.number != server_round:
-            now_open = (f"the open round is {state.number}" if state is not None
+        state = self._rounds.get(server_round)
+        if state is None:
+            now_open = (f"the open round is {min(self._rounds)}" if self._rounds
                         else "no round is open now")
             if server_round <= self._last_closed:
                 raise RequestRejected(409, "round_closed",
@@ -677,6 +755,8 @@ class NetworkTransport:
             state.accepted[site] = AcceptedUpdate(
                 site, row.sha256, final, row.num_samples, wire.to_json(metrics))
             state.arrivals.append(site)
+            if state.asynchronous:
+                self._ended.append(state.number)
             self._cond.notify_all()
         self.board.withdraw(site, f"train:{row.round}")
         logger.info("fit %s: accepted update from site %s (%d bytes, %d samples)",
@@ -698,6 +778,8 @@ class NetworkTransport:
             self.store.record_site_failure(server_round, site, reason)
             state.failed[site] = f"site reported: {reason}"
             state.arrivals.append(site)
+            if state.asynchronous:
+                self._ended.append(state.number)
             self._cond.notify_all()
         self.board.withdraw(site, f"train:{server_round}")
 
