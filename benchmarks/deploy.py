@@ -2,6 +2,7 @@
 
     python benchmarks/deploy.py heart    # four-site heart job: deployed vs simulated
     python benchmarks/deploy.py ingest   # 100 sites upload a 1M-float update each
+    python benchmarks/deploy.py async    # one slow site: FedAvg rounds vs FedBuff
     python benchmarks/deploy.py all
 
 ``heart`` runs ``prifed simulate --no-baselines`` and the same job deployed,
@@ -15,6 +16,13 @@ and lets ``--sites`` signed clients (threads in this process, no training)
 upload one update each in the same round, all released at once. It reports
 updates per second, the coordinator's peak memory against its memory before
 the uploads, and p50/p99 latency of a whole upload and of its requests.
+
+``async`` deploys the heart job twice with the same budget of site tasks
+(``--rounds`` per site), once as synchronous FedAvg rounds and once as
+asynchronous FedBuff, while Cleveland waits ``--slow-seconds`` before every
+training task (a site ten or more times slower than the others). The four
+agents run as threads of this process against a coordinator process. It
+reports wall time, final mean accuracy and how many updates each site gave.
 """
 
 from __future__ import annotations
@@ -414,18 +422,100 @@ def print_ingest(result: dict[str, Any]) -> None:
           f"{result['request_p99_seconds']:.3f} s over {result['requests']} requests")
 
 
+# One slow site: synchronous rounds against asynchronous tasks.
+
+
+def run_agents(folder: Path, port: int, slow: str, slow_seconds: float) -> None:
+    """Run the four heart sites as agent threads; ``slow`` waits before training."""
+    from prifed.deploy.agent import AgentOptions, SiteAgent
+    from prifed.deploy.sitedata import TableSource
+
+    def hook(name: str, details: dict[str, Any]) -> None:
+        if name == "task" and details.get("kind") == "train":
+            time.sleep(slow_seconds)
+
+    threads = []
+    for i, site in enumerate(HEART_SITES):
+        options = AgentOptions(f"https://127.0.0.1:{port}", folder / "pki" / "ca.pem",
+                               site, folder / "sites" / str(i),
+                               (folder / f"token-{i:03d}").read_text(),
+                               long_poll_seconds=5.0)
+        agent = SiteAgent(options, TableSource(None, None),
+                          events=hook if site == slow else None)
+        threads.append(threading.Thread(target=agent.run, daemon=True))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def slow_site_run(strategy: str, rounds: int, slow_seconds: float) -> dict[str, Any]:
+    extra = "" if strategy == "fedavg" else \
+        'strategy = "fedbuff"\nstrategy_options = { buffer_size = 2 }'
+    work = Path(tempfile.mkdtemp(prefix=f"prifed-bench-{strategy}-"))
+    config = federation_folder(work, HEART_SITES, rounds)
+    text = config.read_text().replace("[training]\n", f"[training]\n{extra}\n")
+    text = text.replace(f"min_sites = {len(HEART_SITES)}", "min_sites = 1")
+    config.write_text(text)
+    started = time.perf_counter()
+    coordinator = subprocess.Popen(prifed("coordinator", "--config", str(config)),
+                                   env=child_env(), cwd=work,
+                                   stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+    wait_for(work / "state" / "coordinator.json")
+    port = json.loads((work / "state" / "coordinator.json").read_text())["port"]
+    run_agents(work, port, "Cleveland", slow_seconds)
+    coordinator.wait()
+    seconds = time.perf_counter() - started
+    summary = json.loads((work / "state" / "summary.json").read_text())
+    lines = log_times(work / "state" / "coordinator.log")
+    training = first_time(lines, "setup: merged statistics")
+    done = first_time(lines, "done: final model written")
+    counts: dict[str, int] = dict.fromkeys(HEART_SITES, 0)
+    for record in summary["rounds"]:
+        sites = [u["site"] for u in record.get("updates", [])] \
+            if strategy == "fedbuff" else record["accepted"]
+        for site in sites:
+            counts[site] += 1
+    return {"strategy": strategy, "process_seconds": seconds,
+            "training_seconds": done - training,
+            "mean_accuracy": summary["final"]["mean_accuracy"],
+            "updates_per_site": counts}
+
+
+def slow_site(rounds: int, slow_seconds: float) -> dict[str, Any]:
+    return {"rounds": rounds, "slow_seconds": slow_seconds,
+            "runs": [slow_site_run(s, rounds, slow_seconds)
+                     for s in ("fedavg", "fedbuff")]}
+
+
+def print_slow_site(result: dict[str, Any]) -> None:
+    print(f"heart job, {result['rounds']} tasks per site, Cleveland waits "
+          f"{result['slow_seconds']:g} s before each training task")
+    runs = result["runs"]
+    for run in runs:
+        counts = ", ".join(f"{k} {v}" for k, v in run["updates_per_site"].items())
+        print(f"  {run['strategy']:8s} training {run['training_seconds']:6.2f} s "
+              f"(whole {run['process_seconds']:6.2f} s), mean accuracy "
+              f"{run['mean_accuracy']:.3f}; updates used: {counts}")
+    ratio = runs[0]["training_seconds"] / runs[1]["training_seconds"]
+    print(f"  FedBuff trains {ratio:.1f}x faster than FedAvg rounds")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_coordinator":
         run_ingest_coordinator(sys.argv[2], int(sys.argv[3]))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("which", choices=["heart", "ingest", "all"])
+    parser.add_argument("which", choices=["heart", "ingest", "async", "all"])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--sites", type=int, default=100)
     parser.add_argument("--params", type=int, default=1_000_000)
     parser.add_argument("--chunk-kib", type=int, default=1024)
     parser.add_argument("--site-threads", type=int, default=1,
                         help="torch threads per site agent (four share the CPUs)")
+    parser.add_argument("--slow-seconds", type=float, default=1.0,
+                        help="async: Cleveland's wait before each training task")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     results = {}
@@ -435,6 +525,9 @@ def main() -> None:
     if args.which in ("ingest", "all"):
         results["ingest"] = ingest(args.sites, args.params, args.chunk_kib * 1024)
         print_ingest(results["ingest"])
+    if args.which in ("async", "all"):
+        results["async"] = slow_site(args.rounds, args.slow_seconds)
+        print_slow_site(results["async"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -1,9 +1,9 @@
 """The asynchronous driver against the network transport, without HTTP.
 
-The test plays the sites: it takes their tasks off the task board and
-uploads through the same transport methods the HTTP handlers call, in an
-order it chooses, so every model version can be checked against FedBuff's
-formula worked out here by hand.
+The test plays the sites. It takes their tasks off the task board and
+uploads through the transport methods that the HTTP handlers call, in an
+order it chooses. Every model version is then checked against FedBuff's
+formula, worked out here by hand.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class Harness:
 
     def upload(self, site: str, task: dict[str, Any], shift: float,
                num_samples: int = 10, value: float | None = None) -> None:
-        """Send the task's model moved by ``shift`` (or every value set to ``value``)."""
+        """Upload the task's model plus ``shift``, or with every value ``value``."""
         base = self.models.load(task["model_version"])
         params = {n: (v + np.float32(shift) if value is None
                       else np.full_like(v, value)) for n, v in base.items()}
@@ -103,7 +103,8 @@ class Harness:
                     try:
                         self.upload(site, task, shift=1.0)
                     except RequestRejected:
-                        pass  # the task expired or the budget was spent meanwhile
+                        # The task expired, or the budget was spent meanwhile.
+                        pass
             time.sleep(0.01)
         return self.finish()
 
@@ -161,13 +162,15 @@ def test_versions_follow_fedbuff_by_hand(harness):
     assert [r["version"] for r in records] == [1, 2, 2]
     assert [[u["staleness"] for u in r["updates"]] for r in records[:2]] == \
         [[0, 0], [1, 0]]
-    assert records[-1]["final"] and records[-1]["tasks_done"] == 4
-    # The budget of four tasks is spent: nobody got a fifth one.
+    assert records[-1]["final"]
+    assert records[-1]["tasks_done"] == 4
+    # The budget of four tasks is spent, so no site got a fifth task.
     assert sorted(u["task"] for r in records for u in r["updates"]) == [1, 2, 3, 4]
-    assert run.board.next_task("A") is None and run.board.next_task("B") is None
+    assert run.board.next_task("A") is None
+    assert run.board.next_task("B") is None
 
 
-def test_late_site_expires_and_gets_a_fresh_task(harness):
+def test_late_task_expires_and_redispatches(harness):
     run = harness(["A", "B"], rounds=3, buffer_size=1, deadline=1.0)
     a1 = run.task("A")
     b = run.task("B")
@@ -188,20 +191,21 @@ def test_late_site_expires_and_gets_a_fresh_task(harness):
     assert records[-1]["tasks_done"] == 6
 
 
-def test_bad_update_is_refused_and_the_task_stays_open(harness):
+def test_nan_update_keeps_task_open(harness):
     run = harness(["A"], rounds=1, buffer_size=1)
     task = run.task("A")
     with pytest.raises(RequestRejected) as caught:
         run.upload("A", task, shift=0.0, value=float("nan"))
     assert caught.value.status == 422
     assert "not finite" in caught.value.detail or "NaN" in caught.value.detail
-    assert run.strategy.version == 0 and run.run.state.ended == 0
+    assert run.strategy.version == 0
+    assert run.run.state.ended == 0
     run.upload("A", task, shift=2.0)
     final = run.finish()
     np.testing.assert_allclose(final["w"], INITIAL["w"] + 2.0)
 
 
-def test_reported_failure_ends_the_task(harness):
+def test_reported_failure_ends_task(harness):
     run = harness(["A", "B"], rounds=1, buffer_size=1)
     a, b = run.task("A"), run.task("B")
     run.transport.report_failure("A", a["round"], "privacy budget spent")
@@ -212,7 +216,7 @@ def test_reported_failure_ends_the_task(harness):
     assert [u["site"] for r in records for u in r["updates"]] == ["B"]
 
 
-def test_restart_takes_in_an_update_accepted_before_the_crash(tmp_path, caplog):
+def test_restart_resubmits_accepted_update(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="prifed")
     first = Harness(tmp_path, ["A", "B"], rounds=1, buffer_size=2).start()
     a, b = first.task("A"), first.task("B")

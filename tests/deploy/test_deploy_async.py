@@ -11,7 +11,10 @@ FedBuff's own buffer, and compare bit for bit.
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -19,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from deploy_harness import Federation, stop, wait_until
+from deploy_harness import Federation, child_env, stop, wait_until
 
 from prifed.core.messages import TrainReply
 from prifed.core.params import params_from_bytes
@@ -81,9 +84,10 @@ def async_run(tmp_path_factory):
         fed.close()
 
 
-def test_run_finishes_after_its_task_budget(async_run):
+def test_run_ends_at_task_budget(async_run):
     fed, killer, code = async_run
-    assert killer.restarted and killer.first.returncode == -signal.SIGKILL
+    assert killer.restarted
+    assert killer.first.returncode == -signal.SIGKILL
     assert code == 0, fed.output("coordinator")[-4000:]
     summary = wire_summary(fed)
     assert summary["mode"] == "asynchronous"
@@ -97,7 +101,19 @@ def test_run_finishes_after_its_task_budget(async_run):
     assert "async: resuming with" in log
 
 
-def test_every_version_is_fedbuff_of_its_updates(async_run):
+def test_status_reports_task_progress(async_run):
+    fed, _, _ = async_run
+    shown = subprocess.run(
+        [sys.executable, "-m", "prifed.cli", "ca", "status", "--config",
+         str(fed.root / "federation.toml")], capture_output=True, text=True,
+        env=child_env(), timeout=60, check=True).stdout
+    versions = len([r for r in wire_summary(fed)["rounds"] if not r.get("final")])
+    budget = ROUNDS * len(fed.sites)
+    assert (f"asynchronous run: {budget} of {budget} tasks done, model version "
+            f"{versions}, 0 tasks open") in shown
+
+
+def test_versions_rebuild_from_updates(async_run):
     fed, _, _ = async_run
     store = fed.store()
     records = [r for r in load_records(store) if not r.get("final")]
@@ -131,7 +147,7 @@ def test_every_version_is_fedbuff_of_its_updates(async_run):
             assert np.array_equal(value, stored[name]), (record["version"], name)
 
 
-def test_no_task_is_aggregated_twice(async_run):
+def test_no_task_aggregated_twice(async_run):
     fed, _, _ = async_run
     store = fed.store()
     records = [r for r in load_records(store) if not r.get("final")]
@@ -141,7 +157,7 @@ def test_no_task_is_aggregated_twice(async_run):
     assert len(tasks) <= ROUNDS * len(fed.sites)
 
 
-def test_fast_sites_do_not_wait_for_the_slow_one(async_run):
+def test_slow_site_does_not_delay_others(async_run):
     fed, _, _ = async_run
     store = fed.store()
     records = [r for r in load_records(store) if not r.get("final")]
@@ -154,6 +170,4 @@ def test_fast_sites_do_not_wait_for_the_slow_one(async_run):
 
 
 def wire_summary(fed: Federation) -> dict[str, Any]:
-    import json
-
     return json.loads((fed.state_dir / "summary.json").read_text())

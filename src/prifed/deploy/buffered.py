@@ -1,22 +1,23 @@
 """Asynchronous rounds in a deployed federation: FedBuff fed by the network transport.
 
 With ``training.strategy = "fedbuff"`` the coordinator runs no rounds. Every
-site holds one training *task* at a time on the model version that was
-current when the task was handed out; when its update arrives, FedBuff adds
-it to its buffer (weighted by staleness) and, once the buffer holds
-``buffer_size`` updates, makes a new model version. The site gets its next
-task at once, on the newest version, so a slow site never holds the others
-back. The run ends after ``training.rounds`` tasks per participating site
+site has one training *task* at a time, on the model version that was
+current when the task was handed out. When its update arrives, FedBuff adds
+it to its buffer (weighted by staleness), and once the buffer contains
+``buffer_size`` updates it makes a new model version. The site gets its next
+task at once, on the newest version, so a slow site does not delay the
+others. The run ends after ``training.rounds`` tasks per participating site
 (the same budget as ``prifed simulate --strategy fedbuff``), counting
 updates, reported failures and tasks that passed ``rounds.deadline_seconds``.
 The final model is then evaluated by every site.
 
 Durability: before a task is posted, and after every batch of replies is
-taken in, the whole state is committed to the database: FedBuff's open tasks
-and buffer (its sums in a safetensors file), the task counter, and one record
-per model version. Model versions are files on the model shelf. A
-coordinator killed at any moment resumes from the last commit; updates the
-sites had delivered after it are still on disk and are taken in again.
+taken in, the whole state is committed to the database. It covers FedBuff's
+open tasks and buffer (its sums in a safetensors file), the task counter and
+each site's place in the queue. Model versions are files on the model shelf,
+each with a record in the database. A coordinator killed at any moment
+resumes from the last commit. Updates that sites delivered after it are
+still on disk, so they are taken in again.
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ class BufferedState:
     ended: int = 0
     tasks: dict[str, OpenTask] = field(default_factory=dict)
     dispatched: dict[str, int] = field(default_factory=dict)
-    """Task number each site last got, so idle sites are served in turn."""
+    """Number of the task each site got last, so idle sites are served in turn."""
     buffered: list[dict[str, Any]] = field(default_factory=list)
-    """The updates in FedBuff's buffer now: site, task, staleness, metrics."""
+    """Descriptions of the updates in FedBuff's buffer: site, task, staleness."""
     elapsed: float = 0.0
 
 
@@ -133,7 +134,7 @@ class BufferedRun:
 
     def _wait_seconds(self) -> float:
         if not self.state.tasks:
-            # Nothing to wait for: hand out tasks now, unless no site can take one.
+            # With no open task, hand out tasks now, unless no site can take one.
             return 0.0 if self.transport.site_ids() else 1.0
         soonest = min(t.deadline for t in self.state.tasks.values())
         return max(0.0, min(soonest - time.monotonic(), 5.0))
@@ -166,7 +167,9 @@ class BufferedRun:
             return
         if new_model is None and self.strategy.buffer is not None and \
                 self.strategy.buffer.count == len(self.state.buffered):
-            return  # an update of 0 samples, left out by FedBuff
+            # FedBuff leaves out an update of 0 samples, so it is not recorded.
+            return
+
         self.state.buffered.append({"site": task.site, "task": number,
                                     "version": task.version,
                                     "staleness": before - task.version,

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -19,6 +19,10 @@ from prifed.cli_options import (CategoricalOption, DropIncompleteOption,
                                 NumericOption)
 from prifed.cli_options import split_list as _split
 from prifed.errors import ConfigError
+
+if TYPE_CHECKING:
+    from prifed.deploy.config import FederationConfig
+    from prifed.deploy.store import Store
 
 ca_app = typer.Typer(help="The federation's certificate authority, join tokens and "
                           "revocation.", no_args_is_help=True, add_completion=False)
@@ -157,10 +161,29 @@ def ca_status(config: ConfigOption) -> None:
                 else f"{now - info.last_seen:.0f} s ago")
         typer.echo(f"{info.position:3d}  {info.name:30s} {info.status:8s} last seen "
                    f"{seen}")
-    rounds = store.rounds()
-    done = sum(1 for r in rounds if r["status"] == "done")
-    typer.echo(f"rounds done: {done} of {settings.training.rounds}")
+    if settings.training.strategy.lower() == "fedbuff":
+        typer.echo(asynchronous_progress(store, settings))
+    else:
+        rounds = store.rounds()
+        done = sum(1 for r in rounds if r["status"] == "done")
+        typer.echo(f"rounds done: {done} of {settings.training.rounds}")
     store.close()
+
+
+def asynchronous_progress(store: Store, settings: FederationConfig) -> str:
+    """Describe how far an asynchronous (FedBuff) run is, from its committed state."""
+    from prifed.deploy.buffered import STATE_KEY, load_records
+
+    state = store.get_meta(STATE_KEY)
+    if state is None:
+        return "asynchronous run: not started"
+    preprocessing = store.get_meta("preprocessing") or {}
+    sites = len(preprocessing.get("sites") or settings.federation.sites)
+    rounds = settings.training.rounds
+    versions = [r["version"] for r in load_records(store) if not r.get("final")]
+    return (f"asynchronous run: {state['ended']} of {rounds * sites} tasks done, "
+            f"model version {max(versions, default=0)}, {len(state['tasks'])} tasks "
+            "open")
 
 
 def coordinator(
