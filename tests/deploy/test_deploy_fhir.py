@@ -33,9 +33,11 @@ def fhir_run(tmp_path_factory):
     fed = Federation.create(root, sites=SITES, rounds=2, local_steps=10,
                             keep_updates=True,
                             limits='\n[fhir]\nspec = "spec.toml"\n')
+    # The setup deadline is far longer than the run: the coordinator must stop
+    # waiting for the site whose statistics it rejected, not wait it out.
     config = root / "federation.toml"
     config.write_text(config.read_text().replace("setup_deadline_seconds = 120",
-                                                 "setup_deadline_seconds = 30"))
+                                                 "setup_deadline_seconds = 600"))
     try:
         fed.start_coordinator()
         processes = {}
@@ -70,6 +72,8 @@ def test_mismatched_site_named_in_error(fhir_run):
                f"expects {expected[:16]}...")
     assert message in fed.log_file.read_text()
     assert message in fed.output("site-east")
+    assert "setup: site east sent no statistics: reply rejected (" in \
+        fed.log_file.read_text()
 
 
 def test_updates_carry_spec_hash(fhir_run):

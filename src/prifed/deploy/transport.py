@@ -216,7 +216,11 @@ class _Exchange:
     validate: ReplyValidator | None
     max_reply_bytes: int
     replies: dict[str, bytes] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
     arrivals: list[str] = field(default_factory=list)
+
+    def answered(self) -> int:
+        return len(self.replies) + len(self.rejected)
 
 
 class NetworkTransport:
@@ -330,7 +334,8 @@ class NetworkTransport:
         and posts one reply, which ``validate`` checks before it is stored.
         Replies are stored under ``exchange_id``, so running the same exchange
         again after a restart returns them without asking the sites twice.
-        Sites with no reply at the deadline are yielded as failures.
+        A site whose reply ``validate`` rejects is yielded as a failure at
+        once, and sites with no reply at the deadline when it passes.
         """
         limit = max_reply_bytes or self.config.limits.max_exchange_bytes
         state = _Exchange(exchange_id, channel, dict(requests), validate, limit)
@@ -352,20 +357,23 @@ class NetworkTransport:
             while True:
                 with self._cond:
                     while (position == len(state.arrivals)
-                           and len(state.replies) < len(state.requests)):
+                           and state.answered() < len(state.requests)):
                         self._raise_if_stopped()
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             break
                         self._cond.wait(remaining)
-                    done = (len(state.replies) == len(state.requests)
+                    done = (state.answered() == len(state.requests)
                             or time.monotonic() >= deadline)
                     if done:
                         self._exchanges.pop(exchange_id, None)
                     ready = state.arrivals[position:]
                     position = len(state.arrivals)
                 for site in ready:
-                    yield site, state.replies[site]
+                    if site in state.rejected:
+                        yield Failure(site, server_round, state.rejected[site])
+                    else:
+                        yield site, state.replies[site]
                 if done:
                     break
         finally:
@@ -374,7 +382,7 @@ class NetworkTransport:
             for site in state.requests:
                 self.board.withdraw(site, task_id)
         for site in state.requests:
-            if site not in state.replies:
+            if site not in state.replies and site not in state.rejected:
                 yield Failure(site, server_round, f"no reply to exchange "
                               f"{exchange_id!r} before the deadline")
 
@@ -835,9 +843,18 @@ class NetworkTransport:
                                       f"{site!r}")
             if site in state.replies:
                 return
-        body = wire.decompress(payload, state.max_reply_bytes, "exchange reply")
-        if state.validate is not None:
-            state.validate(site, body)
+            if site in state.rejected:
+                raise RequestRejected(409, "exchange_closed",
+                                      f"exchange {exchange_id!r} rejected the reply "
+                                      f"of site {site!r} already: "
+                                      f"{state.rejected[site]}")
+        try:
+            body = wire.decompress(payload, state.max_reply_bytes, "exchange reply")
+            if state.validate is not None:
+                state.validate(site, body)
+        except RequestRejected as error:
+            self._reject_exchange_reply(state, site, error)
+            raise
         with self._cond:
             if site in state.replies or exchange_id not in self._exchanges:
                 return
@@ -848,6 +865,21 @@ class NetworkTransport:
         self.board.withdraw(site, f"exchange:{exchange_id}")
         logger.info("exchange %s: reply from site %s (%d bytes)", exchange_id, site,
                     len(body))
+
+
+    def _reject_exchange_reply(self, state: _Exchange, site: str,
+                               error: RequestRejected) -> None:
+        """Count a rejected reply as the site's failure, so nobody waits for it."""
+        reason = f"reply rejected ({error.code}): {error.detail}"
+        with self._cond:
+            if site in state.replies or site in state.rejected:
+                return
+            state.rejected[site] = reason
+            state.arrivals.append(site)
+            self._cond.notify_all()
+        self.board.withdraw(site, f"exchange:{state.exchange_id}")
+        logger.warning("exchange %s: rejected the reply of site %s: %s",
+                       state.exchange_id, site, error.detail)
 
 
 def _json_dict(text: str) -> dict[str, Any]:
