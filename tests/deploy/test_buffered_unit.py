@@ -34,7 +34,7 @@ class Harness:
     """A coordinator's store, transport and asynchronous driver in one process."""
 
     def __init__(self, root: Path, sites: list[str], rounds: int, buffer_size: int,
-                 deadline: float = 60.0) -> None:
+                 deadline: float = 60.0, joined: bool = False) -> None:
         self.config = parse_config({
             "federation": {"name": "unit", "sites": sites},
             "training": {"strategy": "fedbuff", "rounds": rounds,
@@ -45,6 +45,10 @@ class Harness:
         self.sites = sites
         self.store = Store(self.config.database_url, self.config.state_dir)
         self.store.sync_roster(sites)
+        for site in sites if joined else []:
+            # Only joined sites are asked to evaluate a model version.
+            self.store.add_token(site, f"token-{site}", 60)
+            self.store.redeem_token(site, f"token-{site}", bytes(32))
         self.board = TaskBoard()
         self.models = ModelShelf(self.config.state_dir / "models", {})
         self.transport = NetworkTransport(self.store, self.config, self.board,
@@ -78,6 +82,17 @@ class Harness:
                 return task
             time.sleep(0.01)
         raise AssertionError(f"no task for {site} after task {after}: {self.error}")
+
+    def next_of_kind(self, site: str, kind: str, timeout: float = 10.0
+                     ) -> dict[str, Any]:
+        """Wait until the site's next task is of ``kind``; return it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            task = self.board.next_task(site)
+            if task is not None and task["kind"] == kind:
+                return task
+            time.sleep(0.01)
+        raise AssertionError(f"no {kind} task for {site}: {self.error}")
 
     def upload(self, site: str, task: dict[str, Any], shift: float,
                num_samples: int = 10, value: float | None = None) -> None:
@@ -168,6 +183,24 @@ def test_versions_follow_fedbuff_by_hand(harness):
     assert sorted(u["task"] for r in records for u in r["updates"]) == [1, 2, 3, 4]
     assert run.board.next_task("A") is None
     assert run.board.next_task("B") is None
+
+
+def test_joined_sites_evaluate_each_version(harness):
+    run = harness(["A"], rounds=2, buffer_size=1, joined=True)
+    run.upload("A", run.task("A"), shift=1.0)
+    evaluation = run.next_of_kind("A", "evaluate")
+    assert evaluation["model_version"] == 1
+    run.transport.submit_evaluation("A", 1, wire.EvaluationBody(
+        num_samples=5, metrics={"accuracy": 0.5}))
+    run.upload("A", run.task("A", after=1), shift=1.0)
+    evaluation = run.next_of_kind("A", "evaluate")
+    assert evaluation["model_version"] == 2
+    run.transport.submit_evaluation("A", 2, wire.EvaluationBody(
+        num_samples=5, metrics={"accuracy": 0.75}))
+    run.finish()
+    records = load_records(run.store)
+    assert [r["eval_metrics"]["A"]["accuracy"] for r in records] == [0.5, 0.75, 0.75]
+    assert records[-1]["final"]
 
 
 def test_late_task_expires_and_redispatches(harness):

@@ -147,6 +147,15 @@ def test_versions_rebuild_from_updates(async_run):
             assert np.array_equal(value, stored[name]), (record["version"], name)
 
 
+def test_sites_evaluate_every_version(async_run):
+    fed, _, _ = async_run
+    records = wire_summary(fed)["rounds"]
+    for record in records:
+        assert sorted(record["eval_metrics"]) == sorted(fed.sites), record["version"]
+    log = fed.log_file.read_text()
+    assert f"async: model version {records[-1]['version']} has mean accuracy" in log
+
+
 def test_no_task_aggregated_twice(async_run):
     fed, _, _ = async_run
     store = fed.store()

@@ -9,7 +9,8 @@ task at once, on the newest version, so a slow site does not delay the
 others. The run ends after ``training.rounds`` tasks per participating site
 (the same budget as ``prifed simulate --strategy fedbuff``), counting
 updates, reported failures and tasks that passed ``rounds.deadline_seconds``.
-The final model is then evaluated by every site.
+Every ``evaluate_every``-th version is evaluated by the sites while training
+goes on, and the final model is evaluated by every site at the end.
 
 Durability: before a task is posted, and after every batch of replies is
 taken in, the whole state is committed to the database. It covers FedBuff's
@@ -70,6 +71,8 @@ class BufferedState:
     """Number of the task each site got last, so idle sites are served in turn."""
     buffered: list[dict[str, Any]] = field(default_factory=list)
     """Descriptions of the updates in FedBuff's buffer: site, task, staleness."""
+    evaluating: list[int] = field(default_factory=list)
+    """Model versions whose evaluation by the sites is still open."""
     elapsed: float = 0.0
 
 
@@ -107,6 +110,7 @@ class BufferedRun:
                     len(self.state.buffered), self.strategy.buffer_size, len(sites))
         if self.state.ended < self.budget:
             self._reopen_tasks()
+        self._repost_evaluations()
         while self.state.ended < self.budget:
             self._step()
         self._close_open_tasks()
@@ -131,6 +135,7 @@ class BufferedRun:
             self._drop_update_files(number)
         for task in fresh:
             self._open(task)
+        self._collect_evaluations()
 
     def _wait_seconds(self) -> float:
         if not self.state.tasks:
@@ -192,6 +197,8 @@ class BufferedRun:
             version=version, path=str(path), sha256=digest, strategy_state="{}",
             strategy_arrays=None, rng_state="{}", created_at=time.time()), None)
         self.store.set_meta(f"{RECORD_PREFIX}{version:06d}", record)
+        if version % self.config.training.evaluate_every == 0:
+            self._post_evaluation(version, params)
         staleness = [u["staleness"] for u in record["updates"]]
         logger.info("async: model version %d from %d updates (sites %s, staleness "
                     "max %d) after %d of %d tasks", version, len(staleness),
@@ -241,25 +248,60 @@ class BufferedRun:
         self.state.tasks = {}
         self._commit()
 
+    def _post_evaluation(self, version: int, params: Mapping[str, np.ndarray]
+                         ) -> None:
+        if version not in self.state.evaluating:
+            self.state.evaluating.append(version)
+        self.transport.post_evaluation(version, params, self.transport.site_ids(),
+                                       label=f"model version {version}")
+
+    def _repost_evaluations(self) -> None:
+        """Post again the evaluations that were open when the state was committed."""
+        names = self.store.get_meta("param_names")
+        for version in list(self.state.evaluating):
+            params = params_from_bytes(self.models.path(version).read_bytes(),
+                                       order=names)
+            self._post_evaluation(version, params)
+
+    def _collect_evaluations(self) -> dict[int, dict[str, dict[str, float]]]:
+        """Close finished evaluations, add them to their records and return them."""
+        collected = {}
+        for version in self.transport.finished_evaluations():
+            if version not in self.state.evaluating:
+                continue
+            replies = self.transport.close_evaluation(version,
+                                                      self.transport.site_ids())
+            metrics = {r.site: dict(r.metrics) for r in replies
+                       if isinstance(r, EvaluateReply)}
+            collected[version] = metrics
+            self.state.evaluating.remove(version)
+            key = f"{RECORD_PREFIX}{version:06d}"
+            record = self.store.get_meta(key)
+            if record is not None:
+                record["eval_metrics"] = wire.to_json(metrics)
+                self.store.set_meta(key, record)
+            logger.info("async: model version %d has mean accuracy %.3f over %d "
+                        "sites", version, _mean_accuracy(metrics), len(metrics))
+        if collected:
+            self._commit()
+        return collected
+
     def _evaluate_final(self, params: ParameterSet) -> None:
+        """Evaluate the final version and wait for the evaluations still open."""
         version = self.strategy.version
+        if version not in self.state.evaluating:
+            self._post_evaluation(version, params)
+            self._commit()
         metrics: dict[str, dict[str, float]] = {}
-        for reply in self.transport.evaluate(version, params, self.transport.site_ids(),
-                                             label=f"model version {version}"):
-            if isinstance(reply, EvaluateReply):
-                metrics[reply.site] = dict(reply.metrics)
-            else:
-                logger.warning("evaluate version %d: site %s: %s", version,
-                               reply.site, redact(reply.reason))
+        while self.state.evaluating:
+            self.transport.wait_for_ended(0.5)
+            metrics = self._collect_evaluations().get(version, metrics)
         record = {"version": version, "updates": [], "tasks_done": self.state.ended,
                   "seconds": round(self._elapsed(), 3),
                   "eval_metrics": wire.to_json(metrics), "final": True}
         self.store.set_meta(f"{RECORD_PREFIX}final", record)
-        accuracy = [m["accuracy"] for m in metrics.values()
-                    if m.get("accuracy") is not None]
         logger.info("async: final model version %d, mean accuracy %.3f over %d sites",
-                    version, float(np.mean(accuracy)) if accuracy else math.nan,
-                    len(metrics))
+                    version, _mean_accuracy(metrics), len(metrics))
 
     # Durable state.
 
@@ -287,7 +329,7 @@ class BufferedRun:
             "next_task": state.next_task, "ended": state.ended,
             "tasks": {s: [t.task, t.version] for s, t in state.tasks.items()},
             "dispatched": state.dispatched, "buffered": state.buffered,
-            "elapsed": self._elapsed()}
+            "evaluating": state.evaluating, "elapsed": self._elapsed()}
         self.store.set_meta(STATE_KEY, document)
         if old is not None and old != self._arrays_path:
             Path(old).unlink(missing_ok=True)
@@ -314,7 +356,9 @@ class BufferedRun:
             tasks={s: OpenTask(int(t[0]), s, int(t[1]))
                    for s, t in document["tasks"].items()},
             dispatched={s: int(n) for s, n in document["dispatched"].items()},
-            buffered=list(document["buffered"]), elapsed=float(document["elapsed"]))
+            buffered=list(document["buffered"]),
+            evaluating=[int(v) for v in document.get("evaluating", [])],
+            elapsed=float(document["elapsed"]))
         self._clock_start = time.monotonic()
         for task in self.state.tasks.values():
             if self.strategy.outstanding.get(task.site) != task.version:
@@ -333,6 +377,12 @@ class BufferedRun:
             item.unlink()
         if folder.exists():
             folder.rmdir()
+
+
+def _mean_accuracy(metrics: Mapping[str, Mapping[str, Any]]) -> float:
+    values = [float(m["accuracy"]) for m in metrics.values()
+              if m.get("accuracy") is not None]
+    return float(np.mean(values)) if values else math.nan
 
 
 def load_records(store: Store) -> list[dict[str, Any]]:

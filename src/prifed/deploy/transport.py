@@ -205,7 +205,13 @@ class _TrainRound:
 class _Evaluation:
     number: int
     sites: list[str]
+    label: str
+    deadline: float
     replies: dict[str, EvaluateReply] = field(default_factory=dict)
+
+    def finished(self) -> bool:
+        return (len(self.replies) >= len(self.sites)
+                or time.monotonic() >= self.deadline)
 
 
 @dataclass
@@ -240,7 +246,7 @@ class NetworkTransport:
         self._rounds: dict[int, _TrainRound] = {}
         self._ended: list[int] = []
         self._last_closed = 0
-        self._evaluation: _Evaluation | None = None
+        self._evaluations: dict[int, _Evaluation] = {}
         self._exchanges: dict[str, _Exchange] = {}
         self._extras: dict[tuple[int, str], bytes] = {}
         self._validators = ThreadPoolExecutor(config.limits.concurrent_validations,
@@ -280,45 +286,65 @@ class NetworkTransport:
         ``server_round`` is the model version; ``label`` names it in the log
         (by default "round N/M").
         """
-        self.models.publish(server_round, params)
-        label = label or round_label(server_round, self.num_rounds)
+        state = self.post_evaluation(server_round, params, sites, label)
+        with self._cond:
+            while not state.finished():
+                self._raise_if_stopped()
+                self._cond.wait(max(state.deadline - time.monotonic(), 0.0))
+        return self.close_evaluation(server_round, sites)
+
+    def post_evaluation(self, version: int, params: Mapping[str, np.ndarray],
+                        sites: Sequence[str], label: str | None = None
+                        ) -> _Evaluation:
+        """Post evaluation tasks of a model version to joined sites; do not wait.
+
+        Replies stored before a restart count without asking the site again.
+        Collect the result with :meth:`close_evaluation`, once
+        :meth:`finished_evaluations` lists the version or whenever the caller
+        stops waiting.
+        """
+        self.models.publish(version, params)
         joined = {s.name for s in self.store.sites() if s.status == SITE_JOINED}
-        state = _Evaluation(server_round, [s for s in sites if s in joined])
-        stored = self.store.evaluations(server_round)
-        for site, (num_samples, metrics) in stored.items():
+        state = _Evaluation(version, [s for s in sites if s in joined],
+                            label or round_label(version, self.num_rounds),
+                            time.monotonic()
+                            + self.config.rounds.evaluate_deadline_seconds)
+        for site, (num_samples, metrics) in self.store.evaluations(version).items():
             state.replies[site] = EvaluateReply(site, num_samples,
                                                 wire.metrics_from_json(metrics))
-        task_id = f"evaluate:{server_round}"
-        task = {"id": task_id, "kind": "evaluate",
-                "round": server_round, "num_rounds": self.num_rounds,
-                "model_version": server_round}
+        task = {"id": f"evaluate:{version}", "kind": "evaluate",
+                "round": version, "num_rounds": self.num_rounds,
+                "model_version": version}
         with self._cond:
-            self._evaluation = state
+            self._evaluations[version] = state
         for site in state.sites:
             if site not in state.replies:
                 self.board.post(site, dict(task, setup=self.setup_blocks.get(site)))
-        deadline = time.monotonic() + self.config.rounds.evaluate_deadline_seconds
+        return state
+
+    def finished_evaluations(self) -> list[int]:
+        """List the open evaluations that every site answered or that timed out."""
         with self._cond:
-            while len(state.replies) < len(state.sites):
-                self._raise_if_stopped()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            self._evaluation = None
+            return [n for n, state in self._evaluations.items() if state.finished()]
+
+    def close_evaluation(self, version: int, sites: Sequence[str]
+                         ) -> list[EvaluateReply | Failure]:
+        """Stop an evaluation; return a reply or failure per site, in that order."""
+        with self._cond:
+            state = self._evaluations.pop(version)
         for site in state.sites:
-            self.board.withdraw(site, task_id)
-        logger.info("evaluate %s: %d of %d sites replied", label, len(state.replies),
-                    len(state.sites))
+            self.board.withdraw(site, f"evaluate:{version}")
+        logger.info("evaluate %s: %d of %d sites replied", state.label,
+                    len(state.replies), len(state.sites))
         results: list[EvaluateReply | Failure] = []
         for site in sites:
             if site in state.replies:
                 results.append(state.replies[site])
             elif site in state.sites:
-                results.append(Failure(site, server_round, "no evaluation before the "
+                results.append(Failure(site, version, "no evaluation before the "
                                        "deadline"))
             else:
-                results.append(Failure(site, server_round, "site has not joined"))
+                results.append(Failure(site, version, "site has not joined"))
         return results
 
     def exchange(self, channel: str, exchange_id: str, server_round: int,
@@ -806,8 +832,8 @@ class NetworkTransport:
                           body: wire.EvaluationBody) -> None:
         """Take one site's metrics of the round's model."""
         with self._cond:
-            state = self._evaluation
-            if state is None or state.number != server_round:
+            state = self._evaluations.get(server_round)
+            if state is None:
                 raise RequestRejected(409, "evaluation_closed",
                                       f"no evaluation of round {server_round} is open")
             if site not in state.sites:
