@@ -20,7 +20,6 @@ from prifed.cli_options import (CategoricalOption, DropIncompleteOption,
                                 DropOption, LabelOption, LabelThresholdOption,
                                 NumericOption)
 from prifed.cli_options import split_list as _split
-from prifed.data.tabular import TableSpec
 from prifed.deploy.cli import register as register_deploy
 from prifed.errors import PriFedError
 from prifed.fhir.cli import data_app
@@ -192,6 +191,7 @@ def simulate(
     """Simulate a federation in one process and compare it with baselines."""
     from prifed.data.partition import PartitionSpec
     from prifed.he.params import HomomorphicSettings
+    from prifed.data.tabular import TableSpec
     from prifed.privacy.federation import PrivacyOptions
     from prifed.report import results_table, write_run_folder
     from prifed.simclock import SiteProfile

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from prifed.errors import DataError
 from prifed.log import get_logger
@@ -305,6 +304,10 @@ def check_site(name: str, rows: pd.DataFrame) -> None:
 def split_train_test(name: str, rows: pd.DataFrame, test_fraction: float,
                      seed: int) -> SiteFrames:
     """Split one site's rows, stratified when both classes have over 2 rows."""
+    # Imported here because scikit-learn takes about a second to import, which
+    # `prifed --help` and the deployment commands should not pay.
+    from sklearn.model_selection import train_test_split
+
     counts = rows["__label__"].value_counts()
     stratify = rows["__label__"] if (counts > 2).all() and len(counts) == 2 else None
     train, test = train_test_split(rows, test_size=test_fraction, random_state=seed,
