@@ -124,7 +124,7 @@ def _fmt(value: float | None) -> str:
 
 def _plot(result: SimulationResult, path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, metric in zip(axes, METRICS):
+    for axis, metric in zip(axes, METRICS, strict=True):
         for method in result.methods:
             values = [mean_metrics(per_site)[metric] for per_site in method.curve]
             axis.plot(range(1, len(values) + 1), values, marker="o", markersize=3,

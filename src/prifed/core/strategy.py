@@ -106,7 +106,7 @@ class Strategy(ABC):
         """
         validate_update(reply.site, params, reply.params)
 
-    def check_reply(self, reply: TrainReply,
+    def check_reply(self, reply: TrainReply,  # noqa: B027 - optional hook
                     params: Mapping[str, np.ndarray]) -> None:
         """Raise UpdateRejected when a reply lacks what this strategy needs.
 
@@ -153,7 +153,8 @@ class Strategy(ABC):
         """Return the state to save between rounds (JSON values and arrays)."""
         return {}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]  # noqa: B027 - optional hook
+                        ) -> None:
         """Restore the state returned by :meth:`state_dict`."""
 
 

@@ -66,7 +66,7 @@ def combine(shares: Mapping[int, bytes], threshold: int, length: int) -> bytes:
     points = tuple(sorted(shares)[:threshold])
     _check_points(points)
     secret = 0
-    for point, weight in zip(points, lagrange_at_zero(points)):
+    for point, weight in zip(points, lagrange_at_zero(points), strict=True):
         secret = (secret + weight * share_value(shares[point])) % PRIME
     if secret.bit_length() > 8 * length:
         raise ShareError(f"shares rebuild a value wider than {length} bytes, "
