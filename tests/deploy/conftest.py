@@ -9,11 +9,11 @@ import pytest
 
 
 @functools.lru_cache(maxsize=4)
-def _simulated(rounds: int, local_steps: int, lr: float,
-               strategy: str = "fedavg") -> dict[str, np.ndarray]:
+def _simulated(rounds: int, local_steps: int, lr: float, strategy: str = "fedavg",
+               model: str = "logreg") -> dict[str, np.ndarray]:
     from prifed.simulation import SimulationConfig, run_simulation
 
-    config = SimulationConfig(model="logreg", strategy=strategy, rounds=rounds,
+    config = SimulationConfig(model=model, strategy=strategy, rounds=rounds,
                               local_steps=local_steps, batch_size=4, lr=lr,
                               optimizer="sgd", standardize="federated",
                               test_fraction=0.34, seed=42, baselines=False)
@@ -22,5 +22,5 @@ def _simulated(rounds: int, local_steps: int, lr: float,
 
 @pytest.fixture(scope="session")
 def simulated():
-    """Return the final model of ``prifed simulate`` for rounds, steps, lr, strategy."""
+    """Return ``prifed simulate``'s final model for rounds, steps, lr, strategy, model."""
     return _simulated

@@ -78,7 +78,7 @@ def config_text(sites: Iterable[str], port: int, rounds: int = 2,
                 local_steps: int = 20, lr: float = 0.01, deadline: float = 60.0,
                 min_sites: int = 1, attempts: int = 3, extra: str = "",
                 limits: str = "", keep_updates: bool = False,
-                evaluate_deadline: float = 30.0) -> str:
+                evaluate_deadline: float = 30.0, model: str = "logreg") -> str:
     """Write a federation config for the heart data."""
     roster = ", ".join(json.dumps(s) for s in sites)
     return f"""
@@ -88,7 +88,7 @@ sites = [{roster}]
 seed = 42
 
 [training]
-model = "logreg"
+model = "{model}"
 rounds = {rounds}
 local_steps = {local_steps}
 lr = {lr}

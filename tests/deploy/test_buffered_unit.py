@@ -28,13 +28,21 @@ from prifed.deploy.transport import ModelShelf, NetworkTransport, TaskBoard
 from prifed.strategies import build_strategy
 
 INITIAL = {"w": np.array([1.0, 2.0, 3.0], np.float32), "b": np.zeros(1, np.float32)}
+NORM = {"w": np.array([1.0, -1.0], np.float32),
+        "running_mean": np.array([0.0, 4.0], np.float32),
+        "num_batches_tracked": np.array(10, np.int64)}
+"""A model with batch-norm buffers: only ``w`` is trainable."""
 
 
 class Harness:
     """A coordinator's store, transport and asynchronous driver in one process."""
 
     def __init__(self, root: Path, sites: list[str], rounds: int, buffer_size: int,
-                 deadline: float = 60.0, joined: bool = False) -> None:
+                 deadline: float = 60.0, joined: bool = False,
+                 initial: dict[str, np.ndarray] | None = None,
+                 trainable: list[str] | None = None) -> None:
+        self.initial = INITIAL if initial is None else initial
+        self.trainable = list(self.initial) if trainable is None else trainable
         self.config = parse_config({
             "federation": {"name": "unit", "sites": sites},
             "training": {"strategy": "fedbuff", "rounds": rounds,
@@ -53,8 +61,8 @@ class Harness:
         self.models = ModelShelf(self.config.state_dir / "models", {})
         self.transport = NetworkTransport(self.store, self.config, self.board,
                                           self.models)
-        self.models.publish(0, INITIAL)
-        self.store.set_meta("param_names", list(INITIAL))
+        self.models.publish(0, self.initial)
+        self.store.set_meta("param_names", list(self.initial))
         self.strategy = build_strategy("fedbuff", buffer_size=buffer_size,
                                        local_config={"local_steps": 1})
         self.run = BufferedRun(self.config, self.store, self.transport, self.models,
@@ -65,7 +73,7 @@ class Harness:
 
     def _work(self) -> None:
         try:
-            self.result = self.run.run(INITIAL, list(INITIAL))
+            self.result = self.run.run(self.initial, self.trainable)
         except BaseException as error:  # noqa: BLE001 - reported by the test
             self.error = error
 
@@ -98,7 +106,7 @@ class Harness:
                num_samples: int = 10, value: float | None = None) -> None:
         """Upload the task's model plus ``shift``, or with every value ``value``."""
         base = self.models.load(task["model_version"])
-        params = {n: (v + np.float32(shift) if value is None
+        params = {n: (v + v.dtype.type(shift) if value is None
                       else np.full_like(v, value)) for n, v in base.items()}
         payload = wire.encode_update(params, {}, site, task["round"])
         body = wire.UploadBody(size=len(payload),
@@ -201,6 +209,24 @@ def test_joined_sites_evaluate_each_version(harness):
     records = load_records(run.store)
     assert [r["eval_metrics"]["A"]["accuracy"] for r in records] == [0.5, 0.75, 0.75]
     assert records[-1]["final"]
+
+
+def test_batch_norm_buffers_averaged_not_stepped(harness):
+    run = harness(["A", "B"], rounds=1, buffer_size=2, initial=NORM,
+                  trainable=["w"])
+    a, b = run.task("A"), run.task("B")
+    run.upload("A", a, shift=2.0, num_samples=10)
+    run.upload("B", b, shift=4.0, num_samples=30)
+    final = run.finish()
+    # Both updates are fresh: the trainable tensor moves by the sample-weighted
+    # change, and each buffer becomes the weighted mean of the sites' values.
+    np.testing.assert_allclose(final["w"], NORM["w"] + (10 * 2 + 30 * 4) / 40)
+    np.testing.assert_allclose(final["running_mean"],
+                               NORM["running_mean"] + (10 * 2 + 30 * 4) / 40)
+    assert final["running_mean"].dtype == np.float32
+    assert final["num_batches_tracked"].dtype == np.int64
+    assert final["num_batches_tracked"].shape == ()
+    assert int(final["num_batches_tracked"]) == 10 + round((10 * 2 + 30 * 4) / 40)
 
 
 def test_late_task_expires_and_redispatches(harness):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -84,3 +85,37 @@ def test_logs_hold_no_token_or_key(parity_run):
         assert "join: site" in texts[0]
         for secret in secrets:
             assert secret not in text
+
+
+@pytest.fixture(scope="module")
+def batch_norm_run(tmp_path_factory):
+    fed = Federation.create(tmp_path_factory.mktemp("parity-bn"), rounds=ROUNDS,
+                            local_steps=STEPS, lr=LR, model="bn-mlp")
+    try:
+        fed.start_coordinator()
+        threads = [threading.Thread(target=fed.agent(site).run, daemon=True)
+                   for site in fed.sites]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(240)
+        yield fed, fed.wait_coordinator()
+    finally:
+        fed.close()
+
+
+def test_batch_norm_model_equals_simulated(batch_norm_run, simulated):
+    fed, code = batch_norm_run
+    assert code == 0, fed.output("coordinator")[-3000:]
+    deployed = fed.final_model()
+    reference = simulated(ROUNDS, STEPS, LR, "fedavg", "bn-mlp")
+    counters = [name for name in reference if name.endswith("num_batches_tracked")]
+    assert counters
+    for name in counters:
+        # A 0-d integer counter must travel as 0-d both ways, or every update
+        # of a batch-norm model is rejected for its shape.
+        assert deployed[name].shape == ()
+        assert deployed[name].dtype == np.int64
+        assert int(deployed[name]) == ROUNDS * STEPS
+    for name, value in reference.items():
+        assert np.array_equal(deployed[name], value), name

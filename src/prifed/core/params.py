@@ -37,11 +37,15 @@ def num_values(params: Mapping[str, np.ndarray]) -> int:
 def params_to_bytes(params: Mapping[str, np.ndarray],
                     metadata: dict[str, str] | None = None) -> bytes:
     """Serialise a parameter set to safetensors bytes (never pickle)."""
+    return bytes(_st_save(c_contiguous(params), metadata=metadata))
+
+
+def c_contiguous(params: Mapping[str, np.ndarray]) -> ParameterSet:
+    """Return the tensors in C order, copying only those that are not, shapes kept."""
     # np.ascontiguousarray would turn a 0-d tensor (a batch-norm counter) into
-    # shape (1,), so copy in C order only where needed.
-    contiguous = {k: np.asarray(v) if np.asarray(v).flags.c_contiguous
-                  else np.array(v, order="C") for k, v in params.items()}
-    return bytes(_st_save(contiguous, metadata=metadata))
+    # shape (1,), so it is not used here.
+    return {k: np.asarray(v) if np.asarray(v).flags.c_contiguous
+            else np.array(v, order="C") for k, v in params.items()}
 
 
 def params_from_bytes(data: bytes, order: list[str] | None = None) -> ParameterSet:

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from prifed.core.params import ALLOWED_DTYPES, ParameterSet
+from prifed.core.params import ALLOWED_DTYPES, ParameterSet, c_contiguous
 from prifed.deploy.errors import RequestRejected
 
 UPDATE_FORMAT = "prifed-update-1"
@@ -81,8 +81,7 @@ def decompress(data: bytes, limit: int, subject: str = "payload") -> bytes:
 def encode_tensors(tensors: Mapping[str, np.ndarray],
                    metadata: Mapping[str, str]) -> bytes:
     """Serialise tensors to safetensors with metadata, then compress."""
-    contiguous = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
-    return compress(bytes(st_save(contiguous, metadata=dict(metadata))))
+    return compress(bytes(st_save(c_contiguous(tensors), metadata=dict(metadata))))
 
 
 def decode_tensors(data: bytes, limit: int, subject: str

@@ -10,12 +10,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from prifed.errors import DataError
 from prifed.training.metrics import binary_metrics
 
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_LOCAL_STEPS = 100
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_LR = 0.001
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Return True if the model has a batch-norm layer."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 class LocalTrainer:
@@ -37,9 +43,16 @@ class LocalTrainer:
     def num_rows(self) -> int:
         return int(self.labels.shape[0])
 
-    def next_batch(self, batch_size: int) -> np.ndarray:
-        """Return the indices of the next mini-batch in the shuffled stream."""
-        if self._position >= self._order.size:
+    def next_batch(self, batch_size: int, min_rows: int = 1) -> np.ndarray:
+        """Return the indices of the next mini-batch in the shuffled stream.
+
+        An epoch's last batch is skipped when it would have fewer than
+        ``min_rows`` rows (a batch-norm layer needs two rows to train).
+        """
+        if self.num_rows < min_rows:
+            raise DataError(f"the site has {self.num_rows} training rows; this model "
+                            f"needs at least {min_rows} per batch")
+        if self._order.size - self._position < min_rows:
             self._order = self.rng.permutation(self.num_rows)
             self._position = 0
         batch = self._order[self._position:self._position + batch_size]
@@ -79,11 +92,12 @@ class LocalTrainer:
             optimizer = make_optimizer(model, config)
         loss_fn = nn.BCEWithLogitsLoss()
         model.train()
+        min_rows = 2 if has_batch_norm(model) else 1
         seen = np.zeros(self.num_rows, dtype=bool)
         total_loss = 0.0
         started = time.perf_counter()
         for _ in range(steps):
-            batch = self.next_batch(batch_size)
+            batch = self.next_batch(batch_size, min_rows)
             seen[batch] = True
             index = torch.from_numpy(batch)
             optimizer.zero_grad()
