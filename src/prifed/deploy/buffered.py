@@ -38,7 +38,7 @@ from prifed.deploy import wire
 from prifed.deploy.config import FederationConfig
 from prifed.deploy.store import ModelRow, Store, write_atomic
 from prifed.deploy.transport import ModelShelf, NetworkTransport
-from prifed.errors import ProtocolError, UpdateRejected
+from prifed.errors import PriFedError, ProtocolError, UpdateRejected
 from prifed.log import get_logger, redact
 from prifed.strategies.fedbuff import FedBuff
 
@@ -73,6 +73,12 @@ class BufferedState:
     """Descriptions of the updates in FedBuff's buffer: site, task, staleness."""
     evaluating: list[int] = field(default_factory=list)
     """Model versions whose evaluation by the sites is still open."""
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    """Tasks that ended without an update in the buffer since the last version."""
+    failures: dict[str, int] = field(default_factory=dict)
+    """Failures each site reported in a row, reset by its next update."""
+    left_out: list[str] = field(default_factory=list)
+    """Sites left out of the rest of the run after ``attempts`` failures in a row."""
     elapsed: float = 0.0
 
 
@@ -94,6 +100,8 @@ class BufferedRun:
         self._arrays_path: str | None = None
         self._buffer_mark: tuple[int, int] | None = None
         self._clock_start = time.monotonic()
+        self._not_before: dict[str, float] = {}
+        """Monotonic time before which a site that reported a failure gets no task."""
 
     # The run.
 
@@ -105,6 +113,7 @@ class BufferedRun:
         if not self._restore():
             self.strategy.start(params, trainable)
             self._commit()
+        self._close_stale_tasks()
         logger.info("async: %d of %d tasks done, model version %d, buffer %d/%d, "
                     "%d sites", self.state.ended, self.budget, self.strategy.version,
                     len(self.state.buffered), self.strategy.buffer_size, len(sites))
@@ -122,9 +131,17 @@ class BufferedRun:
         """Take in ended tasks, expire late ones, hand out new ones, commit."""
         ended = self.transport.wait_for_ended(self._wait_seconds())
         now = time.monotonic()
+        sites = set(self.transport.site_ids())
         for task in list(self.state.tasks.values()):
-            if task.deadline <= now and task.task not in ended and \
-                    self.transport.expire_task(task.task, self._late_reason()):
+            if task.task in ended:
+                continue
+            if task.site not in sites:
+                reason = "the site was revoked"
+            elif task.deadline <= now:
+                reason = self._late_reason()
+            else:
+                continue
+            if self.transport.expire_task(task.task, reason):
                 ended.append(task.task)
         for number in ended:
             self._take(number)
@@ -136,13 +153,37 @@ class BufferedRun:
         for task in fresh:
             self._open(task)
         self._collect_evaluations()
+        if not self.state.tasks and not self._eligible(include_waiting=True):
+            raise PriFedError(
+                f"async: no site can take a task ({self.state.ended} of "
+                f"{self.budget} tasks done): every site is revoked or was left out "
+                "after repeated failures; the state is kept, so fix the sites and "
+                "start the coordinator again")
 
     def _wait_seconds(self) -> float:
-        if not self.state.tasks:
-            # With no open task, hand out tasks now, unless no site can take one.
-            return 0.0 if self.transport.site_ids() else 1.0
-        soonest = min(t.deadline for t in self.state.tasks.values())
-        return max(0.0, min(soonest - time.monotonic(), 5.0))
+        """Return how long to wait for replies: until a deadline or a site's wait."""
+        if self._eligible() and self._room() > 0:
+            return 0.0
+        times = [t.deadline for t in self.state.tasks.values()]
+        times += [t for s, t in self._not_before.items()
+                  if s not in self.state.tasks]
+        if not times:
+            return 1.0
+        return max(0.0, min(min(times) - time.monotonic(), 5.0))
+
+    def _room(self) -> int:
+        limit = self.config.training.sites_per_round or len(self.transport.participants)
+        return min(limit - len(self.state.tasks),
+                   self.budget - self.state.ended - len(self.state.tasks))
+
+    def _eligible(self, include_waiting: bool = False) -> list[str]:
+        """List idle sites that may get a task, least recently served first."""
+        now = time.monotonic()
+        idle = [s for s in self.transport.site_ids()
+                if s not in self.state.tasks and s not in self.state.left_out
+                and (include_waiting or self._not_before.get(s, 0.0) <= now)]
+        idle.sort(key=lambda s: self.state.dispatched.get(s, 0))
+        return idle
 
     def _late_reason(self) -> str:
         return (f"no reply before the deadline "
@@ -159,14 +200,21 @@ class BufferedRun:
         progress = f"{self.state.ended} of {self.budget} tasks done"
         if isinstance(result, Failure):
             self.strategy.cancel(task.site)
+            self._drop(task, result.reason)
             logger.warning("async task %d: site %s failed: %s (%s)", number,
                            task.site, redact(result.reason), progress)
+            if result.reason.startswith("site reported"):
+                self._site_failed(task.site)
             return
+
+        self.state.failures.pop(task.site, None)
+        self._not_before.pop(task.site, None)
         before = self.strategy.version
         try:
             new_model = self.strategy.submit(replace(result,
                                                      server_round=task.version))
         except UpdateRejected as error:
+            self._drop(task, f"rejected: {error.reason}")
             logger.warning("async task %d: %s (%s)", number, redact(str(error)),
                            progress)
             return
@@ -186,13 +234,34 @@ class BufferedRun:
         if new_model is not None:
             self._publish_version(new_model)
 
+    def _drop(self, task: OpenTask, reason: str) -> None:
+        self.state.dropped.append({"site": task.site, "task": task.task,
+                                   "version": task.version,
+                                   "reason": redact(reason, 300)})
+
+    def _site_failed(self, site: str) -> None:
+        """Make a site that reported a failure wait, or leave it out after many."""
+        count = self.state.failures.get(site, 0) + 1
+        self.state.failures[site] = count
+        if count >= self.config.rounds.attempts:
+            self.state.left_out.append(site)
+            logger.warning("async: site %s reported %d failures in a row; it gets no "
+                           "more tasks in this run", site, count)
+            return
+        wait = min(2.0 ** (count - 1), self.config.rounds.deadline_seconds)
+        self._not_before[site] = time.monotonic() + wait
+        logger.info("async: site %s gets its next task in %g s (failure %d of %d "
+                    "allowed in a row)", site, wait, count,
+                    self.config.rounds.attempts)
+
     def _publish_version(self, params: ParameterSet) -> None:
         version = self.strategy.version
         path, digest = self.models.publish(version, params)
         record = {"version": version, "updates": self.state.buffered,
-                  "tasks_done": self.state.ended,
+                  "dropped": self.state.dropped, "tasks_done": self.state.ended,
                   "seconds": round(self._elapsed(), 3), "eval_metrics": {}}
         self.state.buffered = []
+        self.state.dropped = []
         self.store.commit_model(ModelRow(
             version=version, path=str(path), sha256=digest, strategy_state="{}",
             strategy_arrays=None, rng_state="{}", created_at=time.time()), None)
@@ -209,13 +278,8 @@ class BufferedRun:
 
     def _dispatch(self) -> list[OpenTask]:
         """Hand a task to each idle site, oldest-served first, within the limits."""
-        limit = self.config.training.sites_per_round or len(self.transport.participants)
-        room = min(limit - len(self.state.tasks),
-                   self.budget - self.state.ended - len(self.state.tasks))
-        idle = [s for s in self.transport.site_ids() if s not in self.state.tasks]
-        idle.sort(key=lambda s: self.state.dispatched.get(s, 0))
         fresh = []
-        for site in idle[:max(room, 0)]:
+        for site in self._eligible()[:max(self._room(), 0)]:
             instruction, _ = self.strategy.dispatch(site)
             number = self.state.next_task
             self.state.next_task += 1
@@ -231,6 +295,18 @@ class BufferedRun:
                                        dict(self.strategy.local_config))
         self.transport.open_task(task.task, instruction, task.version,
                                  self.strategy.versions[task.version])
+
+    def _close_stale_tasks(self) -> None:
+        """Close the tasks that ended in the committed state but not in the store.
+
+        A coordinator stopped between a commit and closing its ended tasks
+        leaves them open in the database, with their update files on disk.
+        """
+        open_tasks = {t.task for t in self.state.tasks.values()}
+        for row in self.store.rounds():
+            if row["status"] == "open" and row["number"] not in open_tasks:
+                self.transport.close_task(row["number"])
+                self._drop_update_files(row["number"])
 
     def _reopen_tasks(self) -> None:
         """Post again the tasks that were open when the state was committed."""
@@ -296,7 +372,8 @@ class BufferedRun:
         while self.state.evaluating:
             self.transport.wait_for_ended(0.5)
             metrics = self._collect_evaluations().get(version, metrics)
-        record = {"version": version, "updates": [], "tasks_done": self.state.ended,
+        record = {"version": version, "updates": [], "dropped": self.state.dropped,
+                  "left_out": self.state.left_out, "tasks_done": self.state.ended,
                   "seconds": round(self._elapsed(), 3),
                   "eval_metrics": wire.to_json(metrics), "final": True}
         self.store.set_meta(f"{RECORD_PREFIX}final", record)
@@ -329,7 +406,9 @@ class BufferedRun:
             "next_task": state.next_task, "ended": state.ended,
             "tasks": {s: [t.task, t.version] for s, t in state.tasks.items()},
             "dispatched": state.dispatched, "buffered": state.buffered,
-            "evaluating": state.evaluating, "elapsed": self._elapsed()}
+            "evaluating": state.evaluating, "dropped": state.dropped,
+            "failures": state.failures, "left_out": state.left_out,
+            "elapsed": self._elapsed()}
         self.store.set_meta(STATE_KEY, document)
         if old is not None and old != self._arrays_path:
             Path(old).unlink(missing_ok=True)
@@ -358,6 +437,9 @@ class BufferedRun:
             dispatched={s: int(n) for s, n in document["dispatched"].items()},
             buffered=list(document["buffered"]),
             evaluating=[int(v) for v in document.get("evaluating", [])],
+            dropped=list(document.get("dropped", [])),
+            failures={s: int(n) for s, n in document.get("failures", {}).items()},
+            left_out=list(document.get("left_out", [])),
             elapsed=float(document["elapsed"]))
         self._clock_start = time.monotonic()
         for task in self.state.tasks.values():

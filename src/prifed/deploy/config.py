@@ -157,6 +157,13 @@ class FederationConfig(_Section):
     def _asynchronous_without_sums(self) -> FederationConfig:
         if self.training.strategy.lower() != "fedbuff":
             return self
+        buffer_size = self.training.strategy_options.get("buffer_size", 2)
+        budget = self.training.rounds * len(self.federation.sites)
+        if isinstance(buffer_size, int) and buffer_size > budget:
+            raise ValueError(f"training.strategy_options.buffer_size ({buffer_size}) "
+                             f"is larger than the run's {budget} tasks (rounds times "
+                             "sites), so no model version would ever be made; "
+                             "lower buffer_size or raise training.rounds")
         for section in ("privacy", "homomorphic"):
             if getattr(self, section) is not None:
                 raise ValueError(f"strategy 'fedbuff' cannot be combined with a "

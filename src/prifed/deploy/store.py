@@ -325,6 +325,10 @@ class Store:
             if token is None or token.site != site:
                 raise RequestRejected(401, "bad_token",
                                       f"join token is not valid for site {site!r}")
+            if token.used_at is not None and row.status == SITE_JOINED and \
+                    row.public_key == public_key:
+                # The same join again, such as a retry after a lost response.
+                return
             if token.used_at is not None:
                 raise RequestRejected(401, "bad_token",
                                       f"join token for site {site!r} was already "

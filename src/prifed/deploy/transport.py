@@ -627,11 +627,13 @@ class NetworkTransport:
         """Stop taking an update for a task and drop its unfinished uploads."""
         with self._cond:
             state = self._rounds.get(task)
-            if state is None:
-                return
-            for site in state.pending():
-                state.failed[site] = "the coordinator no longer wants this task"
-        self._close_round(state)
+            if state is not None:
+                for site in state.pending():
+                    state.failed[site] = "the coordinator no longer wants this task"
+        if state is not None:
+            self._close_round(state)
+        else:
+            self.store.close_round(task)
         for upload in self.store.uploads_of_round(task):
             self._discard_upload(upload.id)
 
@@ -644,13 +646,18 @@ class NetworkTransport:
                                   "takes updates")
         state = self._rounds.get(server_round)
         if state is None:
-            now_open = (f"the open round is {min(self._rounds)}" if self._rounds
-                        else "no round is open now")
-            if server_round <= self._last_closed:
+            own = sorted(n for n, r in self._rounds.items()
+                         if site in r.instructions and not r.closed)
+            word = "task" if any(r.asynchronous for r in self._rounds.values()) \
+                else "round"
+            now_open = (f"site {site!r} has {word} {own[0]} open" if own
+                        else f"no {word} is open for site {site!r} now")
+            if 1 <= server_round <= self._last_closed or \
+                    self.store.round_row(server_round) is not None:
                 raise RequestRejected(409, "round_closed",
-                                      f"round {server_round} is closed; {now_open}")
+                                      f"{word} {server_round} is closed; {now_open}")
             raise RequestRejected(409, "wrong_round",
-                                  f"round {server_round} is not open; {now_open}")
+                                  f"{word} {server_round} is not open; {now_open}")
         if site not in state.instructions:
             raise RequestRejected(403, "not_selected",
                                   f"site {site!r} was not selected for round "
