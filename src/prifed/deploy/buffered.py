@@ -153,7 +153,8 @@ class BufferedRun:
         for task in fresh:
             self._open(task)
         self._collect_evaluations()
-        if not self.state.tasks and not self._eligible(include_waiting=True):
+        if self.state.ended < self.budget and not self.state.tasks and \
+                not self._eligible(include_waiting=True):
             raise PriFedError(
                 f"async: no site can take a task ({self.state.ended} of "
                 f"{self.budget} tasks done): every site is revoked or was left out "
@@ -164,12 +165,13 @@ class BufferedRun:
         """Return how long to wait for replies: until a deadline or a site's wait."""
         if self._eligible() and self._room() > 0:
             return 0.0
+        now = time.monotonic()
         times = [t.deadline for t in self.state.tasks.values()]
         times += [t for s, t in self._not_before.items()
-                  if s not in self.state.tasks]
+                  if s not in self.state.tasks and t > now]
         if not times:
             return 1.0
-        return max(0.0, min(min(times) - time.monotonic(), 5.0))
+        return max(0.0, min(min(times) - now, 5.0))
 
     def _room(self) -> int:
         limit = self.config.training.sites_per_round or len(self.transport.participants)
