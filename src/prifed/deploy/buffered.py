@@ -428,6 +428,7 @@ class BufferedRun:
             str(v): params_from_bytes(self.models.path(v).read_bytes(), order=names)
             for v in document["versions"]}
         self.strategy.load_state_dict(strategy_state)
+
         self._arrays_path = document["arrays"]
         buffer = self.strategy.buffer
         self._buffer_mark = (self.strategy.version,
@@ -444,9 +445,10 @@ class BufferedRun:
             left_out=list(document.get("left_out", [])),
             elapsed=float(document["elapsed"]))
         self._clock_start = time.monotonic()
+
         for task in self.state.tasks.values():
             if self.strategy.outstanding.get(task.site) != task.version:
-                raise ProtocolError(f"async state: site {task.site!r} holds task "
+                raise ProtocolError(f"async state: site {task.site!r} has task "
                                     f"{task.task} on version {task.version}, which "
                                     "FedBuff's saved state does not list")
         logger.info("async: resuming with %d open tasks at model version %d",

@@ -323,7 +323,7 @@ class NetworkTransport:
         return state
 
     def finished_evaluations(self) -> list[int]:
-        """List the open evaluations that every site answered or that timed out."""
+        """List the open evaluations that every site replied to or that timed out."""
         with self._cond:
             return [n for n, state in self._evaluations.items() if state.finished()]
 
