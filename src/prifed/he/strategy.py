@@ -27,7 +27,7 @@ from prifed.errors import ConfigError, NotSupportedError, UpdateRejected
 from prifed.he.combine import EncryptedSum, PreparedUpdate
 from prifed.he.keys import FederationKey
 from prifed.he.optim import ServerOptimizer, build_server_optimizer
-from prifed.he.packing import EncryptedUpdate, Layout
+from prifed.he.packing import EncryptedUpdate, Layout, is_encrypted
 from prifed.log import get_logger
 
 logger = get_logger(__name__)
@@ -109,10 +109,51 @@ class HomomorphicStrategy(Strategy):
 
     def initialize(self, params: Mapping[str, np.ndarray],
                    trainable: Iterable[str]) -> None:
-        """Learn the model layout from the initial model (public, in the clear)."""
+        """Learn the model layout from the initial model (public, in the clear).
+
+        A coordinator resuming after a restart passes the last encrypted
+        aggregate instead, which has no layout, so :meth:`load_state_dict`
+        then restores the layout saved with the round.
+        """
         super().initialize(params, trainable)
         self.plain.initialize(params, trainable)
-        self.layout = Layout.of(params, self.key.params.slots)
+        if not is_encrypted(params):
+            self.layout = Layout.of(params, self.key.params.slots)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the key id and model layout that a restarted coordinator needs."""
+        if self.layout is None:
+            return {}
+        layout = self.layout
+        return {"key_id": self.key.key_id,
+                "layout": {"names": list(layout.names),
+                           "shapes": [list(shape) for shape in layout.shapes],
+                           "dtypes": list(layout.dtypes), "slots": layout.slots}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the layout saved by :meth:`state_dict` after checking its key id.
+
+        Raises ConfigError when the saved state is of another key, because the
+        sites' last aggregate is under that key.
+        """
+        if not state:
+            return
+        saved_key = state.get("key_id")
+        if saved_key != self.key.key_id:
+            raise ConfigError(
+                f"the run's saved state is under CKKS key {saved_key}, and the "
+                f"coordinator context now has key {self.key.key_id}; start the "
+                "coordinator with the context the run began with, or start a new "
+                "run to use the new key")
+        saved = state["layout"]
+        layout = Layout(tuple(str(n) for n in saved["names"]),
+                        tuple(tuple(int(d) for d in s) for s in saved["shapes"]),
+                        tuple(str(d) for d in saved["dtypes"]), int(saved["slots"]))
+        if self.layout is not None and self.layout != layout:
+            raise ConfigError(
+                f"the run's saved model layout {layout.digest} differs from the "
+                f"layout {self.layout.digest} of the model given to initialize()")
+        self.layout = layout
 
     def configure_train(self, server_round: int, params: Mapping[str, np.ndarray],
                         sites: Sequence[str], rng: np.random.Generator
