@@ -9,7 +9,7 @@ never sees a model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import numpy as np
@@ -34,13 +34,16 @@ class PlainSiteClient(Protocol):
 class HESiteClient:
     """Decrypt the aggregate, train the wrapped client, encrypt the update."""
 
-    def __init__(self, inner: PlainSiteClient, site: HESite) -> None:
+    def __init__(self, inner: PlainSiteClient, site: HESite,
+                 on_apply: Callable[[HESite], None] | None = None) -> None:
+        """Wrap ``inner`` and call ``on_apply(site)`` after each new aggregate."""
         if inner.name != site.name:
             raise ValueError(f"client {inner.name!r} and its CKKS state "
                              f"{site.name!r} must belong to the same site")
         self.inner = inner
         self.site = site
         self.name = inner.name
+        self.on_apply = on_apply
 
     @property
     def model(self) -> ParameterSet:
@@ -52,7 +55,7 @@ class HESiteClient:
     def fit(self, params: Mapping[str, np.ndarray],
             instruction: TrainInstruction) -> TrainReply:
         """Step the model with the relayed aggregate, train, and encrypt the update."""
-        model = self.site.receive(params)
+        model = self._receive(params)
         reply = self.inner.fit(model, instruction)
         if reply.extra:
             raise NotSupportedError(
@@ -76,4 +79,11 @@ class HESiteClient:
 
     def evaluate(self, params: Mapping[str, np.ndarray]) -> EvaluateReply:
         """Step the model with the relayed aggregate, then evaluate it in the clear."""
-        return self.inner.evaluate(self.site.receive(params))
+        return self.inner.evaluate(self._receive(params))
+
+    def _receive(self, params: Mapping[str, np.ndarray]) -> ParameterSet:
+        before = self.site.applied_round
+        model = self.site.receive(params)
+        if self.on_apply is not None and self.site.applied_round != before:
+            self.on_apply(self.site)
+        return model
