@@ -202,8 +202,16 @@ def test_late_upload_after_restart_closed(driver):
     first.store.close()
 
     second = driver(["A", "B"], rounds=1, buffer_size=2)
-    with pytest.raises(RequestRejected) as caught:
-        second.upload("A", a["round"])
+    # Until the driver has reopened its tasks an upload gets 503 "not_ready",
+    # which agents retry.
+    deadline = time.monotonic() + 10
+    while True:
+        with pytest.raises(RequestRejected) as caught:
+            second.upload("A", a["round"])
+        if caught.value.status != 503 or time.monotonic() > deadline:
+            break
+        assert caught.value.code == "not_ready"
+        time.sleep(0.05)
     assert caught.value.status == 409
     assert caught.value.code == "round_closed", caught.value.detail
 

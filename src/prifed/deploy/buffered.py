@@ -119,6 +119,7 @@ class BufferedRun:
                     len(self.state.buffered), self.strategy.buffer_size, len(sites))
         if self.state.ended < self.budget:
             self._reopen_tasks()
+        self.transport.open_for_uploads()
         self._repost_evaluations()
         while self.state.ended < self.budget:
             self._step()

@@ -245,6 +245,8 @@ class NetworkTransport:
         self._cond = threading.Condition()
         self._rounds: dict[int, _TrainRound] = {}
         self._ended: list[int] = []
+        self._training_started = False
+        """False until the first round or task opens in this process."""
         self._last_closed = 0
         self._evaluations: dict[int, _Evaluation] = {}
         self._exchanges: dict[str, _Exchange] = {}
@@ -471,6 +473,7 @@ class NetworkTransport:
                     instruction.extra, {"round": str(server_round)})
         with self._cond:
             self._rounds[server_round] = state
+            self._training_started = True
         for site in state.pending():
             self.board.post(site, self._train_task(state, state.instructions[site]))
         return state
@@ -593,6 +596,15 @@ class NetworkTransport:
                 self._ended.append(task)
                 self._cond.notify_all()
 
+    def open_for_uploads(self) -> None:
+        """Answer uploads for unknown rounds with 409, no longer with 503 "not_ready".
+
+        Opening a round or task does this too; a driver calls it when it has
+        reopened all it will, such as a resumed run with no open task.
+        """
+        with self._cond:
+            self._training_started = True
+
     def wait_for_ended(self, timeout: float) -> list[int]:
         """Wait up to ``timeout`` seconds for ended tasks; list them as they came."""
         with self._cond:
@@ -645,6 +657,12 @@ class NetworkTransport:
             raise RequestRejected(409, "run_finished", "the run is finished; no round "
                                   "takes updates")
         state = self._rounds.get(server_round)
+        if state is None and not self._training_started:
+            # A restarted coordinator has not reopened its rounds yet; 503 makes
+            # the agent retry instead of dropping an update it may still send.
+            raise RequestRejected(503, "not_ready",
+                                  "the coordinator is starting and has not opened "
+                                  "its rounds yet; retry shortly")
         if state is None:
             own = sorted(n for n, r in self._rounds.items()
                          if site in r.instructions and not r.closed)
