@@ -22,5 +22,5 @@ def _simulated(rounds: int, local_steps: int, lr: float, strategy: str = "fedavg
 
 @pytest.fixture(scope="session")
 def simulated():
-    """Return ``prifed simulate``'s final model for rounds, steps, lr, strategy, model."""
+    """Return the final model of ``prifed simulate`` for the given settings."""
     return _simulated

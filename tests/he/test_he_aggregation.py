@@ -21,7 +21,7 @@ def aggregate_encrypted(key: FederationKey, updates: list[np.ndarray],
     layout = Layout.of(template, key.params.slots)
     combiner = EncryptedSum(coordinator_key(key), layout, server_round=1)
     clipped = 0
-    for index, (update, weight) in enumerate(zip(updates, weights)):
+    for index, (update, weight) in enumerate(zip(updates, weights, strict=True)):
         encrypted, report = encrypt_update(key, layout, f"site-{index}", 1,
                                            {"x": update}, weight, base="b0")
         clipped += report.clipped

@@ -41,7 +41,7 @@ def run_encrypted(key: FederationKey, coord: FederationKey, optimizer: str,
     for server_round in range(1, rounds + 1):
         layout = Layout.of(initial_model(), key.params.slots)
         combiner = EncryptedSum(coord, layout, server_round)
-        for site, weight, target in zip(sites, WEIGHTS, TARGETS):
+        for site, weight, target in zip(sites, WEIGHTS, TARGETS, strict=True):
             model = site.receive(relay)
             update = site.encrypt(local_training(model, target), weight, server_round)
             combiner.add_params(site.name, update.to_params())

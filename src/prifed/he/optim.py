@@ -60,14 +60,15 @@ class ServerOptimizer(ABC):
     def _direction(self, name: str, update: np.ndarray) -> np.ndarray:
         """Return the change of one trainable tensor for this round."""
 
-    def _advance(self) -> None:
+    def _advance(self) -> None:  # noqa: B027 - optional hook
         """Count a step; optimisers with state override this."""
 
     def state_dict(self) -> ParameterSet:
         """Return the optimiser state as arrays, to keep between rounds."""
         return {}
 
-    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+    def load_state_dict(self, state: Mapping[str, np.ndarray]  # noqa: B027
+                        ) -> None:
         """Restore the state returned by :meth:`state_dict`."""
 
 
