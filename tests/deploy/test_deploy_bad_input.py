@@ -135,6 +135,8 @@ def bad_requests(caller: Caller, genuine: dict[str, np.ndarray],
     results["malformed JSON"] = (caller.send("POST", "/v1/rounds/1/uploads",
                                              b"{not json"), SITE)
     results["negative num_samples"] = (caller.upload(payload, num_samples=-1), SITE)
+    results["num_samples over the site's rows"] = (
+        caller.upload(payload, num_samples=10**15), SITE)
     altered = caller.headers("POST", "/v1/rounds/1/failure", b'{"reason": "x"}')
     results["body altered in transit"] = (caller.send(
         "POST", "/v1/rounds/1/failure", b'{"reason": "y"}', altered), SITE)
@@ -227,6 +229,9 @@ CASES = [
     ("missing tensor", 422, "update_rejected", "tensor 'linear.bias': missing"),
     ("malformed JSON", 400, "invalid_body", "upload request"),
     ("negative num_samples", 422, "invalid_body", "'num_samples'"),
+    ("num_samples over the site's rows", 422, "update_rejected",
+     "num_samples 1000000000000000 is more than the 200 training rows site "
+     "'Cleveland' reported in setup"),
     ("body altered in transit", 400, "digest_mismatch", "signed SHA-256"),
 ]
 

@@ -264,6 +264,8 @@ class Coordinator:
             stored = self._gather_statistics()
             self.store.set_meta("preprocessing", stored)
         self.transport.participants = list(stored["sites"])
+        # States saved before row counts were kept have no limits.
+        self.transport.max_samples = dict(stored.get("num_rows") or {})
         seed = self.config.federation.seed
         for site in stored["sites"]:
             position = self.config.federation.sites.index(site)
@@ -318,6 +320,7 @@ class Coordinator:
                     len(preprocessors[sites[0]].feature_names))
         return {"sites": sites, "numeric": numeric, "categorical": categorical,
                 "num_features": len(preprocessors[sites[0]].feature_names),
+                "num_rows": {s: replies[s].num_rows for s in sites},
                 "preprocessors": {s: preprocessors[s].to_dict() for s in sites}}
 
     def _validate_statistics(self, site: str, body: bytes) -> None:

@@ -258,6 +258,8 @@ class NetworkTransport:
         self.check_reply: ReplyCheck = default_reply_check
         self.check_labels: Callable[[str, Mapping[str, str]], None] | None = None
         """Checks a site's update metadata, such as its FHIR spec hash."""
+        self.max_samples: dict[str, int] = {}
+        """Training rows each site reported in setup: the most an update may count."""
 
     # The Transport protocol.
 
@@ -701,6 +703,13 @@ class NetworkTransport:
             accepted = state.accepted.get(site)
         if accepted is not None:
             return self._already_accepted(site, server_round, accepted, body.sha256)
+        most = self.max_samples.get(site)
+        if most is not None and body.num_samples > most:
+            raise RequestRejected(422, "update_rejected",
+                                  f"num_samples {body.num_samples} is more than the "
+                                  f"{most} training rows site {site!r} reported in "
+                                  "setup; an update counts the distinct rows it "
+                                  "used")
         limit = self.config.limits.max_update_bytes
         if body.size > limit:
             raise RequestRejected(413, "too_large",
