@@ -619,25 +619,22 @@ def client_state(client: SiteClient, setup_digest: str) -> ClientState:
 
     That is the trainer's shuffled stream (generator, order, position), and,
     where the client has them, SCAFFOLD's control variate and personal layers.
-    NOTE: the stream is read from LocalTrainer's private ``_order`` and
-    ``_position``, because the trainer has no public state API.
     """
-    trainer = client.trainer
+    order, stream = client.trainer.stream_state()
     carried = {"control": dict(getattr(client, "control", {}) or {}),
                "local_tensors": dict(getattr(client, "local_tensors", {}) or {})}
     values, arrays = wire.state_to_parts(carried)
-    arrays["stream/order"] = np.asarray(trainer._order, dtype=np.int64)
-    return ({"setup": setup_digest, "rng": trainer.rng.bit_generator.state,
-             "position": int(trainer._position), "carried": values}, arrays)
+    arrays["stream/order"] = np.asarray(order, dtype=np.int64)
+    return ({"setup": setup_digest, "rng": stream["rng"],
+             "position": int(stream["position"]), "carried": values}, arrays)
 
 
 def restore_client_state(client: SiteClient, state: ClientState) -> None:
     """Put back a state captured by :func:`client_state`."""
     values, arrays = state
-    trainer = client.trainer
-    trainer.rng.bit_generator.state = values["rng"]
-    trainer._order = np.asarray(arrays["stream/order"], dtype=np.int64)
-    trainer._position = int(values["position"])
+    client.trainer.load_stream_state(arrays["stream/order"],
+                                     {"position": values["position"],
+                                      "rng": values["rng"]})
     carried = wire.state_from_parts(values["carried"], arrays)
     if hasattr(client, "control"):
         client.control = dict(carried.get("control", {}))
