@@ -125,8 +125,12 @@ class SecureNetworkTransport(WrappedSecureTransport):
                       "extra": sorted(i.extra)} for i in instructions]
         if inner.store.round_row(server_round) is None:
             inner.store.open_round(server_round, described)
-        # A fresh exchange id per call: the masks of a round interrupted by a
-        # restart live only in the sites' memory, so stored replies are useless.
+        else:
+            logger.info("secagg %s: started before a restart and not committed; "
+                        "running it again from training with fresh keys", label)
+        # A fresh exchange id per attempt, so replies stored by an attempt that a
+        # restart interrupted are never read again: that attempt's SecAggServer
+        # is lost, and each site replaces its SecAggClient when it trains again.
         session = f"secagg-{server_round}-{secrets.token_hex(6)}"
         outcome = SecureRound()
         metrics = self._train(server_round, session, instructions, outcome)
