@@ -31,6 +31,7 @@ from prifed.core.messages import EvaluateReply, TrainInstruction, TrainReply
 from prifed.core.params import copy_params, params_from_bytes
 from prifed.deploy.config import load_config
 from prifed.deploy.secure import PHASE_CHANNEL
+from prifed.deploy.store import ExchangeReplyRow
 from prifed.secagg.messages import MASKED_INPUT, SHARE_KEYS
 from prifed.training.client import SiteClient
 
@@ -271,6 +272,23 @@ def test_no_update_stored(rerun):
     for folder in ("updates", "uploads"):
         stored = [p for p in (fed.state_dir / folder).rglob("*") if p.is_file()]
         assert stored == [], folder
+
+
+def test_protocol_messages_deleted(rerun):
+    fed, scenario, _, _, _, _ = rerun
+    store = fed.store()
+    try:
+        # Neither the interrupted attempt's shares nor a committed round's
+        # messages stay in the database.
+        assert store.exchange_replies(scenario.killed_exchange) == {}
+        with store.session() as session:
+            left = [row.exchange for row in session.query(ExchangeReplyRow)]
+    finally:
+        store.close()
+    assert [e for e in left if e.startswith("secagg-")] == []
+    log = fed.log_file.read_text()
+    assert re.search(r"secagg round 2/3: deleted \d+ stored protocol messages of "
+                     r"earlier rounds and attempts", log)
 
 
 def test_log_says_round_rerun(rerun):

@@ -360,7 +360,16 @@ class SiteAgent:
                                    f"exchange channel {channel!r} has no handler at "
                                    "this site")
         exchange_id = str(task["exchange"])
-        payload = self.client.request("GET", f"/v1/exchanges/{exchange_id}").content
+        try:
+            payload = self.client.request("GET", f"/v1/exchanges/{exchange_id}").content
+        except CoordinatorError as error:
+            if error.code != "unknown_exchange":
+                raise
+            # The coordinator restarted or closed the exchange after posting it.
+            logger.warning("exchange %s: request withdrawn, skipping it: %s",
+                           exchange_id, error.detail)
+            self.emit("withdrawn", {"exchange": exchange_id, "channel": channel})
+            return
         request = wire.decompress(payload, 64 * 1024 * 1024, "exchange request")
         reply = handler(request, task)
         try:

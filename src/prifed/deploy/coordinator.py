@@ -43,7 +43,8 @@ from prifed.deploy.fhirsite import SPEC_HASH_KEY, check_spec_hash, \
 from prifed.deploy.heconfig import homomorphic_strategy, setup_block
 from prifed.deploy.errors import RequestRejected, ServiceStopped
 from prifed.deploy.pki import PkiPaths
-from prifed.deploy.secure import check_secure_settings, secure_network_transport
+from prifed.deploy.secure import SECURE_EXCHANGE_PREFIX, check_secure_settings, \
+    secure_network_transport
 from prifed.deploy.server import build_app
 from prifed.deploy.statistics import parse_statistics, to_site_statistics
 from prifed.deploy.store import SITE_JOINED, SITE_REVOKED, ModelRow, Store, \
@@ -420,6 +421,8 @@ class Coordinator:
         write_atomic(folder / "summary.json",
                      json.dumps(wire.to_json(self.summary()), indent=2).encode())
         self.transport.finished = True
+        # The last round's masked messages are not needed once it is committed.
+        self.store.delete_exchange_replies(SECURE_EXCHANGE_PREFIX)
         self.board.finish({"id": "done", "kind": "done",
                            "final_version": final_version})
         logger.info("done: final model written to %s",

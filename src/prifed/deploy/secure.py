@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 TRAIN_CHANNEL = "secagg-train"
+SECURE_EXCHANGE_PREFIX = "secagg-"
+"""Start of the id of every secure-aggregation exchange (``secagg-ROUND-TOKEN``)."""
 PHASE_CHANNEL = "secagg"
 LEFT = "left"
 """Phase of a reply by which a site leaves the round (no update, bad request)."""
@@ -132,6 +134,12 @@ class SecureNetworkTransport(WrappedSecureTransport):
         # restart interrupted are never read again: that attempt's SecAggServer
         # is lost, and each site replaces its SecAggClient when it trains again.
         session = f"secagg-{server_round}-{secrets.token_hex(6)}"
+        # Earlier rounds are committed, and an interrupted attempt of this one
+        # must not leave shares from which its sum could still be computed.
+        dropped = inner.store.delete_exchange_replies(SECURE_EXCHANGE_PREFIX)
+        if dropped:
+            logger.info("secagg %s: deleted %d stored protocol messages of earlier "
+                        "rounds and attempts", label, dropped)
         outcome = SecureRound()
         metrics = self._train(server_round, session, instructions, outcome)
         sites = [i.site for i in instructions if i.site in metrics]

@@ -514,6 +514,13 @@ class Store:
                 ExchangeReplyRow.exchange == exchange))
             return {row.site: row.body for row in rows}
 
+    def delete_exchange_replies(self, prefix: str) -> int:
+        """Delete the stored replies of exchanges whose ids start with ``prefix``."""
+        with self.session() as session:
+            result = session.execute(delete(ExchangeReplyRow).where(
+                ExchangeReplyRow.exchange.startswith(prefix, autoescape=True)))
+            return int(getattr(result, "rowcount", 0) or 0)
+
     def record_exchange_reply(self, exchange: str, site: str, body: bytes) -> bool:
         """Store a reply; return False if the site already replied (kept unchanged)."""
         try:
