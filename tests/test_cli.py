@@ -137,3 +137,13 @@ def test_missing_file_is_named(tmp_path, capsys):
                             "--site-column", "s", "--label", "y"], tmp_path, capsys)
     assert status == 2
     assert "data file not found" in err
+
+
+@pytest.mark.parametrize("code", [0, 1, 2])
+def test_coordinator_exit_code_reaches_shell(tmp_path, monkeypatch, code):
+    from prifed.deploy.coordinator import Coordinator
+
+    config = tmp_path / "federation.toml"
+    config.write_text('[federation]\nname = "x"\nsites = ["A"]\n')
+    monkeypatch.setattr(Coordinator, "serve", lambda self: code)
+    assert cli.run(["coordinator", "--config", str(config)]) == code

@@ -264,7 +264,8 @@ def run(argv: list[str] | None = None) -> int:
     PriFed errors and usage errors end in one clear message, not a traceback.
     """
     try:
-        app(args=argv, prog_name="prifed", standalone_mode=False)
+        # Without standalone mode, click returns the code of a typer.Exit.
+        code = app(args=argv, prog_name="prifed", standalone_mode=False)
     except PriFedError as error:
         console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         return 2
@@ -280,7 +281,7 @@ def run(argv: list[str] | None = None) -> int:
         return int(getattr(error, "exit_code", 2))
     finally:
         close_logging()
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 register_deploy(app)

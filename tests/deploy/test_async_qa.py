@@ -257,3 +257,37 @@ def test_join_retry_same_key_accepted(tmp_path):
         assert store.site("A").public_key == key
     finally:
         store.close()
+
+
+def test_restart_brings_back_left_out_site(driver):
+    first = driver(["A"], rounds=2, buffer_size=1, attempts=1)
+    task = first.task("A")
+    first.transport.report_failure("A", task["round"], "out of memory")
+    first.thread.join(10)
+    assert isinstance(first.error, PriFedError)
+    assert "no site can take a task (1 of 2 tasks done)" in str(first.error)
+    first.transport.stop()
+    first.store.close()
+
+    second = driver(["A"], rounds=2, buffer_size=1, attempts=1)
+    again = second.task("A", after=task["round"])
+    second.upload("A", again["round"])
+    second.thread.join(10)
+    assert second.error is None
+    records = load_records(second.store)
+    assert [u["site"] for r in records for u in r["updates"]] == ["A"]
+    assert records[-1]["tasks_done"] == 2
+
+
+def test_unapplied_update_listed_at_end(driver):
+    run = driver(["A", "B", "C"], rounds=1, buffer_size=2)
+    tasks = {site: run.task(site) for site in ("A", "B", "C")}
+    for site in ("A", "B", "C"):
+        run.upload(site, tasks[site]["round"])
+    run.thread.join(10)
+    assert run.error is None
+    records = load_records(run.store)
+    # Three tasks and a buffer of two: one version, and C's update is left over.
+    assert [r["version"] for r in records] == [1, 1]
+    assert [u["site"] for u in records[-1]["unapplied"]] == ["C"]
+    assert records[-1]["unapplied"][0]["task"] == tasks["C"]["round"]

@@ -442,11 +442,32 @@ class SiteAgent:
                                       "detail": error.detail})
                 self._resolve_pending(pending)
                 return
+            if error.status in (413, 422):
+                # Sending the same update again would be rejected again, so it
+                # is dropped and the coordinator hears why this site has none.
+                self._refused_update(server_round, label, pending, error)
+                return
             raise
         self._resolve_pending(pending)
         logger.info("fit %s: update accepted (%d samples, %d bytes)", label,
                     pending.num_samples, len(pending.payload))
         self.emit("accepted", {"round": server_round})
+
+    def _refused_update(self, server_round: int, label: str, pending: _Pending,
+                        error: CoordinatorError) -> None:
+        logger.error("fit %s: the coordinator rejected this site's update (%s): %s",
+                     label, error.code, error.detail)
+        self.emit("rejected", {"round": server_round, "code": error.code,
+                              "detail": error.detail})
+        self._resolve_pending(pending)
+        assert self.client is not None
+        reason = redact(f"update rejected ({error.code}): {error.detail}", 400)
+        try:
+            self.client.json("POST", f"/v1/rounds/{server_round}/failure",
+                             {"reason": reason})
+        except CoordinatorError as failure:
+            logger.warning("fit %s: could not report the rejection: %s", label,
+                           failure.detail)
 
     def _fit(self, task: dict[str, Any], trainer: Any) -> _Pending | None:
         assert self.client is not None

@@ -375,7 +375,9 @@ class BufferedRun:
         while self.state.evaluating:
             self.transport.wait_for_ended(0.5)
             metrics = self._collect_evaluations().get(version, metrics)
-        record = {"version": version, "updates": [], "dropped": self.state.dropped,
+        # Updates still in a partly filled buffer are listed, not applied.
+        record = {"version": version, "updates": [], "unapplied": self.state.buffered,
+                  "dropped": self.state.dropped,
                   "left_out": self.state.left_out, "tasks_done": self.state.ended,
                   "seconds": round(self._elapsed(), 3),
                   "eval_metrics": wire.to_json(metrics), "final": True}
@@ -442,8 +444,9 @@ class BufferedRun:
             buffered=list(document["buffered"]),
             evaluating=[int(v) for v in document.get("evaluating", [])],
             dropped=list(document.get("dropped", [])),
-            failures={s: int(n) for s, n in document.get("failures", {}).items()},
-            left_out=list(document.get("left_out", [])),
+            # A restart gives every site a new chance: it is how an operator
+            # brings back sites that were left out after repeated failures.
+            failures={}, left_out=[],
             elapsed=float(document["elapsed"]))
         self._clock_start = time.monotonic()
 
@@ -452,6 +455,9 @@ class BufferedRun:
                 raise ProtocolError(f"async state: site {task.site!r} has task "
                                     f"{task.task} on version {task.version}, which "
                                     "FedBuff's saved state does not list")
+        if document.get("left_out"):
+            logger.info("async: sites %s were left out before the restart and get "
+                        "tasks again", ", ".join(document["left_out"]))
         logger.info("async: resuming with %d open tasks at model version %d",
                     len(self.state.tasks), self.strategy.version)
         return True

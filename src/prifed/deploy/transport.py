@@ -475,7 +475,9 @@ class NetworkTransport:
                     instruction.extra, {"round": str(server_round)})
         with self._cond:
             self._rounds[server_round] = state
-            self._training_started = True
+            # The asynchronous driver reopens many tasks and then calls
+            # open_for_uploads; a synchronous run opens one round at a time.
+            self._training_started = self._training_started or not asynchronous
         for site in state.pending():
             self.board.post(site, self._train_task(state, state.instructions[site]))
         return state
@@ -601,8 +603,8 @@ class NetworkTransport:
     def open_for_uploads(self) -> None:
         """Answer uploads for unknown rounds with 409, no longer with 503 "not_ready".
 
-        Opening a round or task does this too; a driver calls it when it has
-        reopened all it will, such as a resumed run with no open task.
+        Opening a synchronous round does this too. The asynchronous driver
+        calls it once it has reopened every task of a resumed run.
         """
         with self._cond:
             self._training_started = True

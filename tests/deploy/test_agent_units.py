@@ -1,4 +1,4 @@
-"""A site agent's exchange task whose request the coordinator no longer has."""
+"""Site agent cases without a coordinator: withdrawn exchanges, rejected updates."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from prifed.deploy.agent import AgentOptions, SiteAgent
+from prifed.deploy.agent import AgentOptions, SiteAgent, _Pending
 from prifed.deploy.errors import CoordinatorError
 from prifed.deploy.sitedata import TableSource
 
@@ -49,3 +49,37 @@ def test_other_exchange_error_still_raises(tmp_path):
     with pytest.raises(CoordinatorError) as caught:
         agent.exchange({"kind": "exchange", "channel": "echo", "exchange": "e-1"})
     assert caught.value.code == "revoked"
+
+
+class RecordingClient:
+    """A client that answers every JSON request with nothing and records it."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, Any]] = []
+
+    def json(self, method: str, path: str, value: Any = None, **kwargs: Any) -> None:
+        self.sent.append((method, path, value))
+
+
+def test_rejected_update_dropped_and_reported(tmp_path, monkeypatch):
+    client = RecordingClient()
+    agent, events = agent_with(tmp_path, client)  # type: ignore[arg-type]
+    agent.folder.mkdir(parents=True)
+    pending = _Pending(3, b"update", 10, {}, ({"setup": "x"}, {}))
+    agent._save_pending(pending)
+    monkeypatch.setattr(agent, "trainer", lambda setup: None)
+
+    def refuse(server_round: int, update: Any) -> None:
+        raise CoordinatorError(422, "update_rejected",
+                               "num_samples 1710 is more than the 171 training rows")
+
+    monkeypatch.setattr(agent, "upload", refuse)
+    agent.train({"kind": "train", "round": 3, "setup": {}})
+    # The update is not kept for a resend, and the coordinator hears why.
+    assert agent._load_pending() is None
+    assert client.sent == [("POST", "/v1/rounds/3/failure", {
+        "reason": "update rejected (update_rejected): num_samples 1710 is more "
+                  "than the 171 training rows"})]
+    assert ("rejected", {"round": 3, "code": "update_rejected",
+                         "detail": "num_samples 1710 is more than the 171 training "
+                                   "rows"}) in events
