@@ -22,6 +22,7 @@ from prifed.simclock import SiteProfile
 from prifed.sitedata import PreparedSite, prepare_sites
 from prifed.strategies import (STRATEGIES, StrategySpec, parse_strategy_specs,
                                strategy_options)
+from prifed.training import check_batch_size
 from prifed.training.metrics import nanmean
 from prifed.training.models import build_model
 from prifed.training.personal import Personalization
@@ -79,6 +80,10 @@ class SimulationConfig:
         for name, value, minimum in checks:
             if value < minimum:
                 raise ConfigError(f"{name} must be at least {minimum}; got {value}")
+        try:
+            check_batch_size(self.model, self.batch_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if not 0 < self.lr:
             raise ConfigError(f"lr must be positive; got {self.lr}")
         if not 0 < self.test_fraction < 1:

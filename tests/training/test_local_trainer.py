@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from prifed.errors import DataError
+from prifed.errors import ConfigError, DataError
 from prifed.training.local import LocalTrainer
 from prifed.training.models import build_model
 
@@ -47,4 +47,13 @@ def test_batch_norm_model_rejects_single_row_site():
     with pytest.raises(DataError) as caught:
         stream.train(model, {"local_steps": 1, "batch_size": 4})
     assert "the site has 1 training rows; this model needs at least 2" in \
+        str(caught.value)
+
+
+def test_batch_norm_model_rejects_batch_of_one():
+    stream = trainer(5)
+    model = build_model("bn-mlp", 3, seed=1)
+    with pytest.raises(ConfigError) as caught:
+        stream.train(model, {"local_steps": 1, "batch_size": 1})
+    assert "batch_size must be at least 2 for a model with batch-norm layers" in \
         str(caught.value)

@@ -18,6 +18,7 @@ from prifed.deploy.dpsite import PrivacySection
 from prifed.deploy.fhirsite import FhirSection
 from prifed.deploy.heconfig import HomomorphicSection
 from prifed.errors import ConfigError
+from prifed.training import check_batch_size
 
 MIB = 1024 * 1024
 
@@ -70,6 +71,11 @@ class TrainingSection(_Section):
     categorical: list[str] | None = None
     secure_aggregation: Literal["off", "secagg", "secagg+"] = "off"
     """secagg or secagg+: sites send a masked sum, never their updates."""
+
+    @model_validator(mode="after")
+    def _batch_fits_model(self) -> TrainingSection:
+        check_batch_size(self.model, self.batch_size)
+        return self
 
     @model_validator(mode="after")
     def _asynchronous_alone(self) -> TrainingSection:

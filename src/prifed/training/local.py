@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prifed.errors import DataError
+from prifed.errors import ConfigError, DataError
 from prifed.training.metrics import binary_metrics
 
 OPTIMIZERS = ("sgd", "adam")
@@ -93,6 +93,9 @@ class LocalTrainer:
         loss_fn = nn.BCEWithLogitsLoss()
         model.train()
         min_rows = 2 if has_batch_norm(model) else 1
+        if batch_size < min_rows:
+            raise ConfigError(f"batch_size must be at least {min_rows} for a model "
+                              f"with batch-norm layers; got {batch_size}")
         seen = np.zeros(self.num_rows, dtype=bool)
         total_loss = 0.0
         started = time.perf_counter()
