@@ -165,8 +165,9 @@ class CoordinatorClient:
                                        f"coordinator unreachable for over {limit:g} s: "
                                        f"{problem}")
             failures += 1
+            # Exponential backoff with jitter, at most 15 s between attempts.
             delay = min(15.0, 0.25 * 2 ** min(failures, 6)) * (
-                0.5 + self._jitter.random())
+                0.5 + 0.5 * self._jitter.random())
             self.events("retry", {"method": method, "path": path, "problem": problem,
                                   "delay": delay})
             logger.warning("%s %s failed (%s); retrying in %.1f s", method, path,
