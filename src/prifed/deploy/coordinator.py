@@ -135,9 +135,13 @@ class Coordinator:
             limit_concurrency=self.config.coordinator.max_connections)
         self.server = uvicorn.Server(settings)
         release_large_buffers()
-        logger.info("coordinator: federation %s, %d sites, %d rounds, state in %s",
+        training = self.config.training
+        pace = (f"{training.rounds} tasks per site, asynchronous"
+                if training.strategy.lower() == "fedbuff"
+                else f"{training.rounds} rounds")
+        logger.info("coordinator: federation %s, %d sites, %s, state in %s",
                     self.config.federation.name, len(self.config.federation.sites),
-                    self.config.training.rounds, self.config.state_dir)
+                    pace, self.config.state_dir)
         try:
             self.server.run()
         finally:
