@@ -52,7 +52,7 @@ def test_other_exchange_error_still_raises(tmp_path):
 
 
 class RecordingClient:
-    """A client that answers every JSON request with nothing and records it."""
+    """A client that records every JSON request and returns no body."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, str, Any]] = []

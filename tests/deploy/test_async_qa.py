@@ -1,111 +1,36 @@
 """Defects of the asynchronous (FedBuff) coordinator found in QA, as regressions.
 
 Each test drives the store, transport and asynchronous driver in one process,
-without HTTP, and plays the sites itself.
+without HTTP, and plays the sites itself (see ``buffered_harness``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+from buffered_harness import Harness
 
-from prifed.deploy import wire
-from prifed.deploy.buffered import BufferedRun, load_records
+from prifed.deploy.buffered import load_records
 from prifed.deploy.config import parse_config
 from prifed.deploy.errors import RequestRejected
 from prifed.deploy.store import Store
-from prifed.deploy.transport import ModelShelf, NetworkTransport, TaskBoard
 from prifed.errors import ConfigError, PriFedError
-from prifed.strategies import build_strategy
-
-INITIAL = {"w": np.array([1.0, 2.0, 3.0], np.float32), "b": np.zeros(1, np.float32)}
 
 
 class Crash(BaseException):
     """Stands in for a SIGKILL of the coordinator at a chosen line."""
 
 
-class Driver:
-    """A coordinator's store, transport and asynchronous driver in one process."""
-
-    def __init__(self, root: Path, sites: list[str], rounds: int, buffer_size: int,
-                 deadline: float = 60.0, keep_updates: bool = True,
-                 attempts: int = 3) -> None:
-        self.config = parse_config({
-            "federation": {"name": "qa", "sites": sites},
-            "training": {"strategy": "fedbuff", "rounds": rounds,
-                         "strategy_options": {"buffer_size": buffer_size}},
-            "rounds": {"deadline_seconds": deadline, "attempts": attempts,
-                       "evaluate_deadline_seconds": 1.0},
-            "coordinator": {"state_dir": "state", "keep_updates": keep_updates}},
-            root)
-        self.store = Store(self.config.database_url, self.config.state_dir)
-        self.store.sync_roster(sites)
-        self.board = TaskBoard()
-        self.models = ModelShelf(self.config.state_dir / "models", {})
-        self.transport = NetworkTransport(self.store, self.config, self.board,
-                                          self.models)
-        self.models.publish(0, INITIAL)
-        self.store.set_meta("param_names", list(INITIAL))
-        self.strategy = build_strategy("fedbuff", buffer_size=buffer_size,
-                                       local_config={"local_steps": 1})
-        self.run = BufferedRun(self.config, self.store, self.transport, self.models,
-                               self.strategy)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, daemon=True)
-
-    def _work(self) -> None:
-        try:
-            self.run.run(INITIAL, list(INITIAL))
-        except BaseException as error:  # noqa: BLE001 - the test reads it
-            self.error = error
-
-    def start(self) -> Driver:
-        self.thread.start()
-        return self
-
-    def task(self, site: str, after: int = 0, timeout: float = 10.0) -> dict[str, Any]:
-        """Wait for the site's training task numbered above ``after``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            task = self.board.next_task(site)
-            if task is not None and task["kind"] == "train" and task["round"] > after:
-                return task
-            time.sleep(0.01)
-        raise AssertionError(f"no task for {site} after task {after}: {self.error}")
-
-    def upload(self, site: str, number: int, shift: float = 1.0,
-               version: int = 0) -> None:
-        """Upload model ``version`` plus ``shift`` as the site's update for a task."""
-        base = self.models.load(version)
-        params = {n: v + np.float32(shift) for n, v in base.items()}
-        payload = wire.encode_update(params, {}, site, number)
-        body = wire.UploadBody(size=len(payload),
-                               sha256=hashlib.sha256(payload).hexdigest(),
-                               num_samples=10)
-        status = self.transport.start_upload(site, number, body)
-        self.transport.part_path(status["upload"]).write_bytes(payload)
-        self.transport.commit_upload(site, status["upload"])
-
-    def close(self) -> None:
-        self.transport.stop()
-        self.thread.join(10)
-        self.store.close()
-
-
 @pytest.fixture
-def driver(tmp_path) -> Iterator[Callable[..., Driver]]:
-    drivers: list[Driver] = []
+def driver(tmp_path) -> Iterator[Callable[..., Harness]]:
+    drivers: list[Harness] = []
 
-    def make(*args: Any, start: bool = True, **kwargs: Any) -> Driver:
-        drivers.append(Driver(tmp_path, *args, **kwargs))
+    def make(*args: Any, start: bool = True, **kwargs: Any) -> Harness:
+        drivers.append(Harness(tmp_path, *args, **kwargs))
         return drivers[-1].start() if start else drivers[-1]
 
     yield make
@@ -140,7 +65,7 @@ def test_failing_site_left_out_after_attempts(driver):
     while run.thread.is_alive() and done < 10:
         task = run.board.next_task("B")
         if task is not None and task["kind"] == "train":
-            run.upload("B", task["round"], version=task["model_version"])
+            run.upload("B", task)
             done += 1
         assert run.board.next_task("A") is None
         time.sleep(0.01)
@@ -162,8 +87,8 @@ def test_revoked_site_task_ends_at_once(driver):
     a, b = run.task("A"), run.task("B")
     run.task("C")
     run.store.revoke("C")
-    run.upload("A", a["round"])
-    run.upload("B", b["round"])
+    run.upload("A", a)
+    run.upload("B", b)
     run.thread.join(5.0)
     assert not run.thread.is_alive(), "the run waits for the revoked site's task"
 
@@ -183,7 +108,7 @@ def test_unknown_task_error_names_own_task(driver):
     a, b = run.task("A"), run.task("B")
     assert a["round"] < b["round"]
     with pytest.raises(RequestRejected) as caught:
-        run.upload("B", 99)
+        run.upload("B", {"round": 99, "model_version": 0})
     assert caught.value.status == 409
     assert caught.value.code == "wrong_round"
     assert caught.value.detail == \
@@ -194,8 +119,8 @@ def test_late_upload_after_restart_closed(driver):
     first = driver(["A", "B"], rounds=1, buffer_size=2)
     first.run._evaluate_final = _crash
     a, b = first.task("A"), first.task("B")
-    first.upload("A", a["round"])
-    first.upload("B", b["round"])
+    first.upload("A", a)
+    first.upload("B", b)
     first.thread.join(10)
     assert isinstance(first.error, Crash)
     first.transport.stop()
@@ -207,7 +132,7 @@ def test_late_upload_after_restart_closed(driver):
     deadline = time.monotonic() + 10
     while True:
         with pytest.raises(RequestRejected) as caught:
-            second.upload("A", a["round"])
+            second.upload("A", a)
         if caught.value.status != 503 or time.monotonic() > deadline:
             break
         assert caught.value.code == "not_ready"
@@ -222,7 +147,7 @@ def test_kill_before_close_drops_update(driver, tmp_path):
     first.transport.close_task = _crash
     first.start()
     a, b = first.task("A"), first.task("B")
-    first.upload("A", a["round"])
+    first.upload("A", a)
     first.thread.join(10)
     assert isinstance(first.error, Crash)
     first.transport.stop()
@@ -231,7 +156,7 @@ def test_kill_before_close_drops_update(driver, tmp_path):
     second = driver(["A", "B"], rounds=1, buffer_size=2, keep_updates=False)
     again = second.task("B")
     assert again["round"] == b["round"]
-    second.upload("B", again["round"])
+    second.upload("B", again)
     second.thread.join(10)
     assert second.error is None
     assert not second.thread.is_alive()
@@ -271,7 +196,7 @@ def test_restart_brings_back_left_out_site(driver):
 
     second = driver(["A"], rounds=2, buffer_size=1, attempts=1)
     again = second.task("A", after=task["round"])
-    second.upload("A", again["round"])
+    second.upload("A", again)
     second.thread.join(10)
     assert second.error is None
     records = load_records(second.store)
@@ -283,7 +208,7 @@ def test_unapplied_update_listed_at_end(driver):
     run = driver(["A", "B", "C"], rounds=1, buffer_size=2)
     tasks = {site: run.task(site) for site in ("A", "B", "C")}
     for site in ("A", "B", "C"):
-        run.upload(site, tasks[site]["round"])
+        run.upload(site, tasks[site])
     run.thread.join(10)
     assert run.error is None
     records = load_records(run.store)

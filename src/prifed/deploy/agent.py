@@ -446,7 +446,7 @@ class SiteAgent:
             if error.status in (413, 422):
                 # Sending the same update again would be rejected again, so it
                 # is dropped and the coordinator hears why this site has none.
-                self._refused_update(server_round, label, pending, error)
+                self._rejected_update(server_round, label, pending, error)
                 return
             raise
         self._resolve_pending(pending)
@@ -454,7 +454,7 @@ class SiteAgent:
                     pending.num_samples, len(pending.payload))
         self.emit("accepted", {"round": server_round})
 
-    def _refused_update(self, server_round: int, label: str, pending: _Pending,
+    def _rejected_update(self, server_round: int, label: str, pending: _Pending,
                         error: CoordinatorError) -> None:
         logger.error("fit %s: the coordinator rejected this site's update (%s): %s",
                      label, error.code, error.detail)

@@ -601,7 +601,7 @@ class NetworkTransport:
                 self._cond.notify_all()
 
     def open_for_uploads(self) -> None:
-        """Answer uploads for unknown rounds with 409, no longer with 503 "not_ready".
+        """Reply 409 to uploads for unknown rounds, no longer 503 "not_ready".
 
         Opening a synchronous round does this too. The asynchronous driver
         calls it once it has reopened every task of a resumed run.
@@ -705,11 +705,11 @@ class NetworkTransport:
             accepted = state.accepted.get(site)
         if accepted is not None:
             return self._already_accepted(site, server_round, accepted, body.sha256)
-        most = self.max_samples.get(site)
-        if most is not None and body.num_samples > most:
+        max_rows = self.max_samples.get(site)
+        if max_rows is not None and body.num_samples > max_rows:
             raise RequestRejected(422, "update_rejected",
                                   f"num_samples {body.num_samples} is more than the "
-                                  f"{most} training rows site {site!r} reported in "
+                                  f"{max_rows} training rows site {site!r} reported in "
                                   "setup; an update counts the distinct rows it "
                                   "used")
         limit = self.config.limits.max_update_bytes
@@ -931,7 +931,7 @@ class NetworkTransport:
 
     def _reject_exchange_reply(self, state: _Exchange, site: str,
                                error: RequestRejected) -> None:
-        """Count a rejected reply as the site's failure, so nobody waits for it."""
+        """Count a rejected reply as the site's failure, so the exchange ends sooner."""
         reason = f"reply rejected ({error.code}): {error.detail}"
         with self._cond:
             if site in state.replies or site in state.rejected:
