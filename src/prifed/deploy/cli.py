@@ -231,7 +231,8 @@ def site(
         help="seconds each long poll waits for work")] = 25.0,
     max_offline: Annotated[float | None, typer.Option(
         help="give up after the coordinator is unreachable this many seconds "
-             "(default: keep trying)")] = None,
+             "(default: one hour before the first contact, then keep trying)")
+    ] = None,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for torch (default: torch's choice, one per core); "
              "use 1 when several agents share a machine")] = None,
