@@ -37,7 +37,7 @@ from prifed.core.params import ParameterSet, params_from_bytes, params_to_bytes
 from prifed.deploy import wire
 from prifed.deploy.config import FederationConfig
 from prifed.deploy.store import ModelRow, Store, write_atomic
-from prifed.deploy.transport import ModelShelf, NetworkTransport
+from prifed.deploy.transport import REPORTED_FAILURE, ModelShelf, NetworkTransport
 from prifed.errors import PriFedError, ProtocolError, UpdateRejected
 from prifed.log import get_logger, redact
 from prifed.strategies.fedbuff import FedBuff
@@ -206,7 +206,7 @@ class BufferedRun:
             self._drop(task, result.reason)
             logger.warning("async task %d: site %s failed: %s (%s)", number,
                            task.site, redact(result.reason), progress)
-            if result.reason.startswith("site reported"):
+            if result.reason.startswith(REPORTED_FAILURE):
                 self._site_failed(task.site)
             return
 

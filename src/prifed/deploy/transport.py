@@ -47,6 +47,9 @@ logger = get_logger(__name__)
 ReplyValidator = Callable[[str, bytes], None]
 """Checks one exchange reply (site, decompressed body); raises RequestRejected."""
 
+REPORTED_FAILURE = "site reported: "
+"""Start of the reason of a failure that the site reported itself."""
+
 ReplyCheck = Callable[[TrainReply, Mapping[str, np.ndarray]], None]
 """Checks one training reply against the global model; raises UpdateRejected."""
 
@@ -846,7 +849,7 @@ class NetworkTransport:
                                       f"site {site!r} already has an accepted update "
                                       f"for round {server_round}")
             self.store.record_site_failure(server_round, site, reason)
-            state.failed[site] = f"site reported: {reason}"
+            state.failed[site] = REPORTED_FAILURE + reason
             state.arrivals.append(site)
             if state.asynchronous:
                 self._ended.append(state.number)
