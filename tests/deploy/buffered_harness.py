@@ -96,8 +96,11 @@ class Harness:
         raise AssertionError(f"no {kind} task for {site}: {self.error}")
 
     def upload(self, site: str, task: dict[str, Any], shift: float = 1.0,
-               num_samples: int = 10, value: float | None = None) -> None:
-        """Upload the task's model plus ``shift``, or with every value ``value``."""
+               num_samples: int = 10, value: float | None = None) -> str:
+        """Upload the task's model plus ``shift``, or with every value ``value``.
+
+        Returns the upload's id.
+        """
         base = self.models.load(task["model_version"])
         params = {n: (v + v.dtype.type(shift) if value is None
                       else np.full_like(v, value)) for n, v in base.items()}
@@ -108,6 +111,7 @@ class Harness:
         status = self.transport.start_upload(site, task["round"], body)
         self.transport.part_path(status["upload"]).write_bytes(payload)
         self.transport.commit_upload(site, status["upload"])
+        return str(status["upload"])
 
     def drain(self, timeout: float = 20.0) -> dict[str, np.ndarray]:
         """Upload every open task, shifted by 1, until the run finishes."""

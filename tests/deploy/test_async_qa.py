@@ -216,3 +216,17 @@ def test_unapplied_update_listed_at_end(driver):
     assert [r["version"] for r in records] == [1, 1]
     assert [u["site"] for u in records[-1]["unapplied"]] == ["C"]
     assert records[-1]["unapplied"][0]["task"] == tasks["C"]["round"]
+
+
+def test_commit_retried_after_accept(driver):
+    # The agent resends a commit whose reply it lost; by then the update is
+    # in, its task closed and its upload row deleted.
+    run = driver(["A"], rounds=2, buffer_size=1)
+    first = run.task("A")
+    upload = run.upload("A", first)
+    run.task("A", after=first["round"])
+    assert run.transport.commit_upload("A", upload) == {
+        "status": "accepted", "round": first["round"]}
+    with pytest.raises(RequestRejected) as caught:
+        run.transport.commit_upload("A", "0" * 32)
+    assert caught.value.code == "unknown_upload"

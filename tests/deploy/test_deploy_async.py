@@ -44,6 +44,7 @@ class KillAfterSecondUpdate:
         self.accepted = 0
         self.restarted = False
         self.first: Any = None
+        self.crashes: dict[str, BaseException] = {}
 
     def __call__(self, name: str, details: dict[str, Any]) -> None:
         if name != "accepted" or self.restarted:
@@ -70,8 +71,15 @@ def async_run(tmp_path_factory):
         fed.start_site("Cleveland")
         killer = KillAfterSecondUpdate(fed)
         hooks = {"Hungary": killer, SLOW: slow_down}
-        threads = [threading.Thread(target=fed.agent(site, events=hooks.get(site)).run,
-                                    daemon=True)
+        crashes: dict[str, BaseException] = {}
+
+        def run_agent(site: str) -> None:
+            try:
+                fed.agent(site, events=hooks.get(site)).run()
+            except BaseException as error:  # noqa: BLE001 - the test reads it
+                crashes[site] = error
+
+        threads = [threading.Thread(target=run_agent, args=(site,), daemon=True)
                    for site in ("Hungary", "Switzerland", SLOW)]
         for thread in threads:
             thread.start()
@@ -79,6 +87,7 @@ def async_run(tmp_path_factory):
         for thread in threads:
             thread.join(240)
         code = fed.wait_coordinator()
+        killer.crashes = crashes
         yield fed, killer, code
     finally:
         fed.close()
@@ -99,6 +108,10 @@ def test_run_ends_at_task_budget(async_run):
     assert summary["final"]["mean_accuracy"] > 0.6
     log = fed.log_file.read_text()
     assert "async: resuming with" in log
+    # Every site went on through the restart: no agent crashed and no task
+    # had to wait out its deadline.
+    assert killer.crashes == {}
+    assert "no reply before the deadline" not in log
 
 
 def test_status_reports_task_progress(async_run):

@@ -438,6 +438,12 @@ class Store:
             if upload is not None:
                 session.delete(upload)
 
+    def accepted_by(self, site: str) -> list[tuple[int, str, int]]:
+        """Return the round, SHA-256 and sample count of each update a site got in."""
+        with self.session() as session:
+            rows = session.scalars(select(UpdateRow).where(UpdateRow.site == site))
+            return [(row.round, row.sha256, row.num_samples) for row in rows]
+
     def site_failures(self, number: int) -> dict[str, str]:
         """Return the failures sites reported themselves in a round."""
         with self.session() as session:

@@ -720,8 +720,7 @@ class NetworkTransport:
             raise RequestRejected(413, "too_large",
                                   f"update of {body.size} bytes is over the limit of "
                                   f"{limit} bytes")
-        key = f"{site}\n{server_round}\n{body.sha256}\n{body.num_samples}"
-        upload_id = hashlib.sha256(key.encode()).hexdigest()[:32]
+        upload_id = upload_key(site, server_round, body.sha256, body.num_samples)
         row = self.store.create_upload(UploadRow(
             id=upload_id, site=site, round=server_round, size=body.size,
             sha256=body.sha256, num_samples=body.num_samples,
@@ -754,6 +753,11 @@ class NetworkTransport:
         """Validate a complete upload and accept it as the site's update."""
         row = self.store.upload(upload_id)
         if row is None or row.site != site:
+            # A commit sent again after its reply was lost, for example to a
+            # restart, finds the update accepted and its upload gone.
+            for number, sha256, num_samples in self.store.accepted_by(site):
+                if upload_key(site, number, sha256, num_samples) == upload_id:
+                    return {"status": "accepted", "round": number}
             raise RequestRejected(404, "unknown_upload",
                                   f"upload {upload_id!r} does not exist for site "
                                   f"{site!r}; start it again")
@@ -945,6 +949,12 @@ class NetworkTransport:
         self.board.withdraw(site, f"exchange:{state.exchange_id}")
         logger.warning("exchange %s: rejected the reply of site %s: %s",
                        state.exchange_id, site, error.detail)
+
+
+def upload_key(site: str, server_round: int, sha256: str, num_samples: int) -> str:
+    """Return the id of an upload: the same declaration always gets the same id."""
+    key = f"{site}\n{server_round}\n{sha256}\n{num_samples}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def _json_dict(text: str) -> dict[str, Any]:
