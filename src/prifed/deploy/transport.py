@@ -211,9 +211,11 @@ class _Evaluation:
     label: str
     deadline: float
     replies: dict[str, EvaluateReply] = field(default_factory=dict)
+    unwaited: set[str] = field(default_factory=set)
+    """Sites whose reply is taken if it comes but not waited for."""
 
     def finished(self) -> bool:
-        return (len(self.replies) >= len(self.sites)
+        return (all(s in self.replies for s in self.sites if s not in self.unwaited)
                 or time.monotonic() >= self.deadline)
 
 
@@ -291,14 +293,34 @@ class NetworkTransport:
         """Ask joined sites to evaluate this round's model; wait for the deadline.
 
         ``server_round`` is the model version; ``label`` names it in the log
-        (by default "round N/M").
+        (by default "round N/M"). A site not heard from for longer than two
+        long polls and 30 s is taken as offline: it gets the task, and its
+        reply counts if it comes, but the round does not wait for it.
         """
+        offline = self._offline_sites(sites)
         state = self.post_evaluation(server_round, params, sites, label)
         with self._cond:
+            state.unwaited = set(offline)
             while not state.finished():
                 self._raise_if_stopped()
                 self._cond.wait(max(state.deadline - time.monotonic(), 0.0))
-        return self.close_evaluation(server_round, sites)
+        results = self.close_evaluation(server_round, sites)
+        return [Failure(r.site, server_round, f"site offline, {offline[r.site]}")
+                if isinstance(r, Failure) and r.site in offline else r
+                for r in results]
+
+    def _offline_sites(self, sites: Sequence[str]) -> dict[str, str]:
+        """Return the joined sites not heard from lately, with their last contact."""
+        quiet = 2 * self.config.coordinator.long_poll_seconds + 30
+        now = time.time()
+        offline = {}
+        for info in self.store.sites():
+            if info.name in sites and info.status == SITE_JOINED and (
+                    info.last_seen is None or now - info.last_seen > quiet):
+                seen = "never" if info.last_seen is None \
+                    else f"{now - info.last_seen:.0f} s ago"
+                offline[info.name] = f"last contact {seen}"
+        return offline
 
     def post_evaluation(self, version: int, params: Mapping[str, np.ndarray],
                         sites: Sequence[str], label: str | None = None
