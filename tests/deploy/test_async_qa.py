@@ -7,13 +7,15 @@ without HTTP, and plays the sites itself (see ``buffered_harness``).
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from buffered_harness import Harness
+from buffered_harness import INITIAL, Harness
 
+from prifed.deploy import wire
 from prifed.deploy.buffered import load_records
 from prifed.deploy.config import parse_config
 from prifed.deploy.errors import RequestRejected
@@ -230,3 +232,41 @@ def test_commit_retried_after_accept(driver):
     with pytest.raises(RequestRejected) as caught:
         run.transport.commit_upload("A", "0" * 32)
     assert caught.value.code == "unknown_upload"
+
+
+def test_concurrent_commits_both_accepted(driver, monkeypatch):
+    # An agent whose commit timed out sends it again while the first is still
+    # being checked; both must hear "accepted" and the update count once.
+    run = driver(["A"], rounds=2, buffer_size=1)
+    task = run.task("A")
+    check = run.transport._validate_payload
+
+    def slow_check(*args: Any) -> None:
+        time.sleep(0.5)
+        check(*args)
+
+    monkeypatch.setattr(run.transport, "_validate_payload", slow_check)
+    payload = wire.encode_update({n: v + 1 for n, v in INITIAL.items()}, {}, "A",
+                                 task["round"])
+    body = wire.UploadBody(size=len(payload),
+                           sha256=hashlib.sha256(payload).hexdigest(),
+                           num_samples=10)
+    upload = run.transport.start_upload("A", task["round"], body)["upload"]
+    run.transport.part_path(upload).write_bytes(payload)
+    answers: list[Any] = []
+
+    def commit() -> None:
+        try:
+            answers.append(run.transport.commit_upload("A", upload))
+        except Exception as error:  # noqa: BLE001 - the test reads it
+            answers.append(error)
+
+    threads = [threading.Thread(target=commit) for _ in range(2)]
+    threads[0].start()
+    time.sleep(0.2)
+    threads[1].start()
+    for thread in threads:
+        thread.join(10)
+    assert answers == [{"status": "accepted", "round": task["round"]}] * 2
+    store = run.store
+    assert list(store.accepted_updates(task["round"])) == ["A"]

@@ -263,6 +263,8 @@ class NetworkTransport:
         self.check_reply: ReplyCheck = default_reply_check
         self.check_labels: Callable[[str, Mapping[str, str]], None] | None = None
         """Checks a site's update metadata, such as its FHIR spec hash."""
+        self.serving_since = time.time()
+        """When this process began serving: silence before it does not count."""
         self.max_samples: dict[str, int] = {}
         """Training rows each site reported in setup: the most an update may count."""
 
@@ -294,8 +296,9 @@ class NetworkTransport:
 
         ``server_round`` is the model version; ``label`` names it in the log
         (by default "round N/M"). A site not heard from for longer than two
-        long polls and 30 s is taken as offline: it gets the task, and its
-        reply counts if it comes, but the round does not wait for it.
+        long polls and 30 s (counted from this process's start at most) is
+        taken as offline. It gets the task, and its reply counts if it comes
+        while the evaluation is open, but the round does not wait for it.
         """
         offline = self._offline_sites(sites)
         state = self.post_evaluation(server_round, params, sites, label)
@@ -315,8 +318,12 @@ class NetworkTransport:
         now = time.time()
         offline = {}
         for info in self.store.sites():
-            if info.name in sites and info.status == SITE_JOINED and (
-                    info.last_seen is None or now - info.last_seen > quiet):
+            if info.name not in sites or info.status != SITE_JOINED:
+                continue
+            # Sites cannot reach a coordinator that is down, so the time
+            # before this process started does not count as their silence.
+            heard = max(info.last_seen or 0.0, self.serving_since)
+            if now - heard > quiet:
                 seen = "never" if info.last_seen is None \
                     else f"{now - info.last_seen:.0f} s ago"
                 offline[info.name] = f"last contact {seen}"
@@ -801,10 +808,25 @@ class NetworkTransport:
         try:
             self._validators.submit(self._validate_payload, site, row, state,
                                     part).result()
+            return self._accept(site, row, state, part, received)
         except RequestRejected:
             self._discard_upload(upload_id)
             raise
-        return self._accept(site, row, state, part, received)
+        except FileNotFoundError:
+            # A second commit of the same upload, sent while the first was
+            # being checked: the first moved the part file into place.
+            return self._accepted_meanwhile(site, row, state)
+
+    def _accepted_meanwhile(self, site: str, row: UploadRow,
+                            state: _TrainRound) -> dict[str, Any]:
+        with self._cond:
+            accepted = state.accepted.get(site)
+        if accepted is None:
+            raise RequestRejected(404, "unknown_upload",
+                                  f"upload {row.id!r} of site {site!r} was "
+                                  "discarded while it was committed; start it "
+                                  "again")
+        return self._already_accepted(site, row.round, accepted, row.sha256)
 
     def _validate_payload(self, site: str, row: UploadRow, state: _TrainRound,
                           part: Path) -> None:
@@ -846,17 +868,23 @@ class NetworkTransport:
             os.fsync(handle.fileno())
         with self._cond:
             self._writable_round(site, row.round)
-            part.replace(final)
-            sync_folder(folder)
-            metrics = wire.metrics_from_json(_json_dict(row.metrics))
-            self.store.accept_update(row.round, site, row.sha256, final, size,
-                                     row.num_samples, wire.to_json(metrics), row.id)
-            state.accepted[site] = AcceptedUpdate(
-                site, row.sha256, final, row.num_samples, wire.to_json(metrics))
-            state.arrivals.append(site)
-            if state.asynchronous:
-                self._ended.append(state.number)
-            self._cond.notify_all()
+            earlier = state.accepted.get(site)
+            if earlier is None:
+                part.replace(final)
+                sync_folder(folder)
+                metrics = wire.metrics_from_json(_json_dict(row.metrics))
+                self.store.accept_update(row.round, site, row.sha256, final, size,
+                                         row.num_samples, wire.to_json(metrics),
+                                         row.id)
+                state.accepted[site] = AcceptedUpdate(
+                    site, row.sha256, final, row.num_samples, wire.to_json(metrics))
+                state.arrivals.append(site)
+                if state.asynchronous:
+                    self._ended.append(state.number)
+                self._cond.notify_all()
+        if earlier is not None:
+            # A concurrent commit of the same upload got in first.
+            return self._already_accepted(site, row.round, earlier, row.sha256)
         self.board.withdraw(site, f"train:{row.round}")
         logger.info("fit %s: accepted update from site %s (%d bytes, %d samples)",
                     state.label, site, size, row.num_samples)
