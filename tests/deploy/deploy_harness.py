@@ -241,6 +241,24 @@ class Federation:
             handle.close()
 
 
+def he_federation(root: Path, **settings: Any) -> Federation:
+    """Create a federation with CKKS: key files in ``root`` and the config section.
+
+    Sites take ``--he-key <root>/site.ctx``; the coordinator's context file
+    has no secret key.
+    """
+    from prifed.he.keys import coordinator_context_bytes, create_federation_key, \
+        site_context_bytes, write_key_file
+    from prifed.he.params import select_params
+
+    root.mkdir(parents=True, exist_ok=True)
+    key = create_federation_key(select_params(4, 1.0, 1e-6, 1000.0), run="test")
+    write_key_file(root / "site.ctx", site_context_bytes(key))
+    write_key_file(root / "coordinator.ctx", coordinator_context_bytes(key))
+    return Federation.create(root, limits='\n[homomorphic]\ncoordinator_key = '
+                                          '"coordinator.ctx"\n', **settings)
+
+
 def start_proxy(fed: Federation) -> tuple[subprocess.Popen[bytes], int, Path]:
     """Start the CONNECT proxy of ``deploy_proxy.py``; return it, its port, its log.
 

@@ -22,14 +22,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from deploy_harness import Federation, stop, wait_until
+from deploy_harness import Federation, he_federation, stop, wait_until
 
 from prifed.core.params import params_from_bytes
 from prifed.deploy.hesite import STATE_FILE, HESiteAgent
-from prifed.he.keys import coordinator_context_bytes, create_federation_key, \
-    read_key_file, site_context_bytes, write_key_file
+from prifed.he.keys import read_key_file
 from prifed.he.packing import is_encrypted
-from prifed.he.params import HomomorphicSettings, select_params
+from prifed.he.params import HomomorphicSettings
 
 ROUNDS, STEPS, LR = 3, 20, 0.01
 TOLERANCE = 1e-5
@@ -99,12 +98,7 @@ def restart_site_after_round_two(fed: Federation, processes: dict[str, Any],
 @pytest.fixture(scope="module")
 def he_restart_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("he-restart")
-    key = create_federation_key(select_params(4, 1.0, 1e-6, 1000.0), run="test")
-    write_key_file(root / "site.ctx", site_context_bytes(key))
-    write_key_file(root / "coordinator.ctx", coordinator_context_bytes(key))
-    fed = Federation.create(root, rounds=ROUNDS, local_steps=STEPS, lr=LR,
-                            limits='\n[homomorphic]\ncoordinator_key = '
-                                   '"coordinator.ctx"\n')
+    fed = he_federation(root, rounds=ROUNDS, local_steps=STEPS, lr=LR)
     try:
         fed.start_coordinator()
         first_coordinator = fed.coordinator

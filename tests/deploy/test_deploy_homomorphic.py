@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from deploy_harness import Federation
+from deploy_harness import Federation, he_federation
 
 from prifed.core.params import params_from_bytes
-from prifed.he.keys import coordinator_context_bytes, create_federation_key, \
-    site_context_bytes, write_key_file
 from prifed.he.packing import is_encrypted
-from prifed.he.params import HomomorphicSettings, select_params
+from prifed.he.params import HomomorphicSettings
 
 ROUNDS, STEPS, LR = 2, 20, 0.01
 TOLERANCE = 1e-5
@@ -38,12 +36,7 @@ def simulated_homomorphic() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def he_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("homomorphic")
-    key = create_federation_key(select_params(4, 1.0, 1e-6, 1000.0), run="test")
-    write_key_file(root / "site.ctx", site_context_bytes(key))
-    write_key_file(root / "coordinator.ctx", coordinator_context_bytes(key))
-    fed = Federation.create(root, rounds=ROUNDS, local_steps=STEPS, lr=LR,
-                            limits='\n[homomorphic]\ncoordinator_key = '
-                                   '"coordinator.ctx"\n')
+    fed = he_federation(root, rounds=ROUNDS, local_steps=STEPS, lr=LR)
     try:
         fed.start_coordinator()
         sites = [fed.start_site(site, ["--he-key", str(root / "site.ctx"),
