@@ -64,8 +64,13 @@ def prifed(*args: str) -> list[str]:
 
 
 def federation_folder(root: Path, sites: list[str], rounds: int,
-                      extra: str = "") -> Path:
-    """Write a federation config, its PKI and one join token file per site."""
+                      extra: str = "", training: str = "",
+                      min_sites: int | None = None) -> Path:
+    """Write a federation config, its PKI and one join token file per site.
+
+    ``training`` adds lines to the ``[training]`` section and ``extra`` to
+    the end; ``min_sites`` defaults to every site.
+    """
     from prifed.deploy.config import load_config
     from prifed.deploy.pki import init_pki, new_join_token, token_digest
     from prifed.deploy.store import Store
@@ -80,10 +85,11 @@ seed = 42
 
 [training]
 rounds = {rounds}
+{training}
 
 [rounds]
 deadline_seconds = 600
-min_sites = {len(sites)}
+min_sites = {len(sites) if min_sites is None else min_sites}
 evaluate_deadline_seconds = 300
 
 [coordinator]
@@ -101,6 +107,17 @@ linger_seconds = 30
         (root / f"token-{sites.index(site):03d}").write_text(token)
     store.close()
     return root / "federation.toml"
+
+
+def start_coordinator(config: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``prifed coordinator`` in the config's folder; return it and its port."""
+    folder = config.parent
+    process = subprocess.Popen(prifed("coordinator", "--config", str(config)),
+                               env=child_env(), cwd=folder,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(folder / "state" / "coordinator.json")
+    return process, json.loads((folder / "state" / "coordinator.json")
+                               .read_text())["port"]
 
 
 def wait_for(path: Path, timeout: float = 120.0) -> None:
@@ -145,12 +162,7 @@ def heart(rounds: int, threads: int) -> dict[str, Any]:
     folder = config.parent
     started = time.perf_counter()
     wall_start = time.time()
-    coordinator = subprocess.Popen(prifed("coordinator", "--config", str(config)),
-                                   env=child_env(), cwd=folder,
-                                   stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-    wait_for(folder / "state" / "coordinator.json")
-    port = json.loads((folder / "state" / "coordinator.json").read_text())["port"]
+    coordinator, port = start_coordinator(config)
     sites = []
     for i, site in enumerate(HEART_SITES):
         output = open(folder / f"site-{i}.out", "wb")
@@ -456,17 +468,11 @@ def slow_site_run(strategy: str, rounds: int, slow_seconds: float) -> dict[str, 
     extra = "" if strategy == "fedavg" else \
         'strategy = "fedbuff"\nstrategy_options = { buffer_size = 2 }'
     work = Path(tempfile.mkdtemp(prefix=f"prifed-bench-{strategy}-"))
-    config = federation_folder(work, HEART_SITES, rounds)
-    text = config.read_text().replace("[training]\n", f"[training]\n{extra}\n")
-    text = text.replace(f"min_sites = {len(HEART_SITES)}", "min_sites = 1")
-    config.write_text(text)
+    config = federation_folder(work, HEART_SITES, rounds, training=extra,
+                               min_sites=1)
+
     started = time.perf_counter()
-    coordinator = subprocess.Popen(prifed("coordinator", "--config", str(config)),
-                                   env=child_env(), cwd=work,
-                                   stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-    wait_for(work / "state" / "coordinator.json")
-    port = json.loads((work / "state" / "coordinator.json").read_text())["port"]
+    coordinator, port = start_coordinator(config)
     run_agents(work, port, "Cleveland", slow_seconds)
     coordinator.wait()
     seconds = time.perf_counter() - started
