@@ -69,11 +69,11 @@ def test_rejected_update_dropped_and_reported(tmp_path, monkeypatch):
     agent._save_pending(pending)
     monkeypatch.setattr(agent, "trainer", lambda setup: None)
 
-    def refuse(server_round: int, update: Any) -> None:
+    def reject_upload(server_round: int, update: Any) -> None:
         raise CoordinatorError(422, "update_rejected",
                                "num_samples 1710 is more than the 171 training rows")
 
-    monkeypatch.setattr(agent, "upload", refuse)
+    monkeypatch.setattr(agent, "upload", reject_upload)
     agent.train({"kind": "train", "round": 3, "setup": {}})
     # The update is not kept for a resend, and the coordinator hears why.
     assert agent._load_pending() is None

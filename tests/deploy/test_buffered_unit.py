@@ -26,14 +26,14 @@ NORM = {"w": np.array([1.0, -1.0], np.float32),
 
 @pytest.fixture
 def harness(tmp_path) -> Iterator[Callable[..., Harness]]:
-    made: list[Harness] = []
+    harnesses: list[Harness] = []
 
     def make(*args: Any, **kwargs: Any) -> Harness:
-        made.append(Harness(tmp_path, *args, **kwargs).start())
-        return made[-1]
+        harnesses.append(Harness(tmp_path, *args, **kwargs).start())
+        return harnesses[-1]
 
     yield make
-    for item in made:
+    for item in harnesses:
         item.close()
 
 

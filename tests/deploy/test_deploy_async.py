@@ -116,14 +116,14 @@ def test_run_ends_at_task_budget(async_run):
 
 def test_status_reports_task_progress(async_run):
     fed, _, _ = async_run
-    shown = subprocess.run(
+    status_output = subprocess.run(
         [sys.executable, "-m", "prifed.cli", "ca", "status", "--config",
          str(fed.root / "federation.toml")], capture_output=True, text=True,
         env=child_env(), timeout=60, check=True).stdout
     versions = len([r for r in wire_summary(fed)["rounds"] if not r.get("final")])
     budget = ROUNDS * len(fed.sites)
     assert (f"asynchronous run: {budget} of {budget} tasks done, model version "
-            f"{versions}, 0 tasks open") in shown
+            f"{versions}, 0 tasks open") in status_output
 
 
 def test_versions_rebuild_from_updates(async_run):

@@ -322,8 +322,8 @@ class NetworkTransport:
                 continue
             # Sites cannot reach a coordinator that is down, so the time
             # before this process started does not count as their silence.
-            heard = max(info.last_seen or 0.0, self.serving_since)
-            if now - heard > quiet:
+            last_contact = max(info.last_seen or 0.0, self.serving_since)
+            if now - last_contact > quiet:
                 seen = "never" if info.last_seen is None \
                     else f"{now - info.last_seen:.0f} s ago"
                 offline[info.name] = f"last contact {seen}"
